@@ -1,0 +1,8 @@
+"""Adapter registry. A new wire format = one module + one line here + fixtures + a quirks test."""
+
+from adapters.base import Adapter
+from adapters.openai import OpenAIAdapter
+
+REGISTRY: dict[str, type[Adapter]] = {
+    "openai": OpenAIAdapter,  # OpenAI and the compatible family (Groq, Together, vLLM, Ollama, …): data only
+}

@@ -1,0 +1,71 @@
+"""OpenAI and every OpenAI-compatible provider: the request passes through, the response too.
+
+Compatible providers (Groq, Together, vLLM, Ollama, …) differ only in data (base URL, key, headers), so they
+are config entries using this adapter, not code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+from adapters.base import RETRYABLE_STATUSES
+from proxy.config import ProviderConfig
+from proxy.errors import UpstreamStatus
+from proxy.schema import rewrite
+from proxy.upstream import Target
+
+_PATHS = {
+    "chat": "/chat/completions",
+    "completions": "/completions",
+    "embeddings": "/embeddings",
+    "models": "/models",
+}
+
+
+class OpenAIAdapter:
+    name: ClassVar[str] = "openai"
+    passthrough: ClassVar[bool] = True
+
+    __slots__ = ("_provider", "_targets")
+
+    def __init__(self, provider: ProviderConfig, base_url: str) -> None:
+        self._provider = provider
+        headers = {"Content-Type": "application/json", "Accept": "*/*"}
+        if provider.api_key:
+            headers["Authorization"] = f"Bearer {provider.api_key}"
+        headers.update(provider.headers)
+        base = base_url.rstrip("/")
+        self._targets = {
+            kind: Target(
+                base + path,
+                headers,
+                provider.timeouts,
+                method="GET" if kind == "models" else "POST",
+                max_connections=provider.max_connections,
+            )
+            for kind, path in _PATHS.items()
+        }
+
+    def target(self, kind: str) -> Target | None:
+        return self._targets.get(kind)
+
+    def request_body(self, body: bytes, public_model: str, upstream_model: str, rewrite_body: bool) -> bytes:
+        if not rewrite_body and public_model == upstream_model:
+            return body  # zero-copy: the client's bytes go upstream unchanged
+        return rewrite(body, upstream_model, rewrite_body)
+
+    def classify(self, status: int, body: bytes, headers: Mapping[str, str]) -> UpstreamStatus | None:
+        if status in RETRYABLE_STATUSES:
+            return UpstreamStatus(status, body, _relayable(headers), upstream=self._provider.name)
+        return None
+
+
+def _relayable(headers: Mapping[str, str]) -> dict[str, str]:
+    """The few upstream headers worth relaying with an error (the client may act on Retry-After)."""
+    out = {}
+    for name in ("Content-Type", "Retry-After"):
+        value = headers.get(name)
+        if value is not None:
+            out[name] = value
+    return out

@@ -1,0 +1,54 @@
+"""The web.Application: routes, shared state, and what starts and stops with it (cleanup_ctx)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from proxy.accounting.keys import KeyRing
+from proxy.config import BUILTIN_DEMO, Config
+from proxy.demo import start_demo
+from proxy.forward import Forwarder
+from proxy.handlers import Gateway, error_middleware
+from proxy.router import build_table
+from proxy.upstream import new_client
+
+GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
+
+
+def build_app(cfg: Config, *, upstream_client: str = "aiohttp") -> web.Application:
+    app = web.Application(
+        client_max_size=cfg.server.max_body_bytes,
+        middlewares=[error_middleware],
+        handler_args={"max_field_size": 16 * 1024},  # long bearer tokens and cookies fit; more is abuse
+    )
+    gw = Gateway(KeyRing(cfg.keys), cfg.server.max_body_bytes, cfg.server.body_timeout_s)
+    app[GATEWAY] = gw
+    _add_routes(app, gw)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        demo_runner, builtin = None, {}
+        if any(p.base_url == BUILTIN_DEMO for p in cfg.providers):
+            demo_runner, builtin[BUILTIN_DEMO] = await start_demo()
+        client = new_client(upstream_client)
+        gw.attach(Forwarder(build_table(cfg, builtin), client, cfg.server.max_response_bytes))
+        try:
+            yield
+        finally:
+            await client.close()
+            if demo_runner is not None:
+                await demo_runner.cleanup()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+def _add_routes(app: web.Application, gw: Gateway) -> None:
+    r = app.router
+    r.add_post("/v1/chat/completions", gw.chat_completions)
+    r.add_post("/v1/completions", gw.completions)
+    r.add_post("/v1/embeddings", gw.embeddings)
+    r.add_get("/v1/models", gw.models)
+    r.add_get("/livez", gw.livez)
+    r.add_get("/readyz", gw.readyz)

@@ -1,0 +1,281 @@
+"""Gateway configuration: YAML or TOML decoded straight into strict, frozen msgspec Structs.
+
+Why two passes: msgspec stops at the first type error, but an operator fixing a config wants every problem at
+once. So each list item is converted on its own (errors carry the path to the field), and `validate()` then
+checks what types cannot: cross-references, unique names, the demo key on a public address.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+import re
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+import yaml
+
+DEMO_KEY = "sk-hedgerow-demo"  # documented; accepted only on a loopback listener
+BUILTIN_DEMO = "builtin:demo"  # base-url of the in-process demo upstream
+
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class Base(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", frozen=True, kw_only=True):
+    """Strict: an unknown key is a typo. kebab-case keys. Frozen: config is shared by every request."""
+
+
+class Timeouts(Base):
+    connect_s: PositiveFloat = 5.0  # TCP (+TLS) connect to the upstream
+    first_byte_s: PositiveFloat = 120.0  # request sent → response headers (reasoning models think first)
+    idle_s: PositiveFloat = 120.0  # longest silence between two body chunks of one response
+    total_s: PositiveFloat = 900.0  # whole attempt, streams included
+
+
+class ProviderConfig(Base):
+    name: str  # unique; shown in the X-Hedgerow-Provider header, logs and metrics
+    base_url: str  # e.g. https://api.openai.com/v1, or "builtin:demo"
+    adapter: str = "openai"  # wire format: a key of adapters.REGISTRY
+    api_key: str | None = None  # usually "${OPENAI_API_KEY}"; sent as a Bearer token, never logged
+    requires_env: str | None = None  # skip this provider (and its endpoints) unless this env var is set
+    headers: dict[str, str] = {}  # extra headers on every upstream request
+    timeouts: Timeouts = Timeouts()
+    weight: Annotated[float, msgspec.Meta(gt=0, le=1000)] = 1.0
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1024  # keep-alive pool size
+
+
+class Price(Base):
+    input: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # USD per million prompt tokens
+    output: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # USD per million completion tokens
+
+
+class EndpointConfig(Base):
+    provider: str  # a provider's name
+    model: str  # the upstream's own model name
+    weight: Annotated[float, msgspec.Meta(gt=0, le=1000)] = 1.0
+    price: Price = Price()
+
+
+class ModelConfig(Base):
+    name: str  # public name in the OpenRouter style, e.g. "openai/gpt-4o-mini"
+    endpoints: list[EndpointConfig]
+
+
+class KeyConfig(Base):
+    name: str  # label for logs; never the secret
+    key: str | None = None  # plaintext, usually "${HEDGEROW_API_KEY}"; hashed at load, then dropped
+    key_sha256: str | None = None  # or the hex SHA-256 of the key, so the file holds no secret
+
+
+class ServerConfig(Base):
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
+    workers: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 16 * 1024 * 1024  # images inline as base64
+    header_timeout_s: PositiveFloat = 10.0  # slowloris guard: whole request head must arrive in this time
+    body_timeout_s: PositiveFloat = 30.0  # whole request body must arrive in this time
+    keepalive_timeout_s: PositiveFloat = 75.0  # idle client connection closed after this
+    drain_grace_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0  # SIGTERM: time in-flight streams get to end
+    max_response_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024 * 1024  # non-streamed upstream body
+
+
+class Config(Base):
+    server: ServerConfig = ServerConfig()
+    providers: list[ProviderConfig] = []
+    models: list[ModelConfig] = []
+    keys: list[KeyConfig] = []
+
+
+class ConfigError(Exception):
+    """Every problem found, one per line, each with the path to the field."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(node: Any, path: str, env: dict[str, str], problems: list[str]) -> Any:
+    """Replace ${VAR} and ${VAR:-default} in every string; an unset VAR without default is a problem."""
+    if isinstance(node, str):
+
+        def sub(m: re.Match[str]) -> str:
+            value = env.get(m.group(1))
+            if value is None or (value == "" and m.group(2) is not None):
+                if m.group(2) is None:
+                    problems.append(f"environment variable {m.group(1)} is not set - at `{path}`")
+                    return ""
+                return m.group(2)
+            return value
+
+        return _ENV.sub(sub, node)
+    if isinstance(node, dict):
+        return {k: _expand(v, f"{path}.{k}", env, problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand(v, f"{path}[{i}]", env, problems) for i, v in enumerate(node)]
+    return node
+
+
+def _drop_disabled(tree: dict[str, Any], env: dict[str, str]) -> None:
+    """Remove providers whose `requires-env` is unset, their endpoints, and models left without any."""
+    providers = tree.get("providers")
+    if not isinstance(providers, list):
+        return
+    off = {
+        p.get("name")
+        for p in providers
+        if isinstance(p, dict) and p.get("requires-env") and not env.get(p["requires-env"])
+    }
+    if not off:
+        return
+    tree["providers"] = [p for p in providers if not (isinstance(p, dict) and p.get("name") in off)]
+    models = tree.get("models")
+    if isinstance(models, list):
+        kept = []
+        for m in models:
+            if isinstance(m, dict) and isinstance(m.get("endpoints"), list):
+                eps = [e for e in m["endpoints"] if not (isinstance(e, dict) and e.get("provider") in off)]
+                if not eps:
+                    continue
+                m = {**m, "endpoints": eps}
+            kept.append(m)
+        tree["models"] = kept
+
+
+def _convert_all(tree: dict[str, Any], problems: list[str]) -> Config | None:
+    """Convert section by section and item by item so that every type error is reported."""
+    known = set(Config.__struct_encode_fields__)
+    for key in tree:
+        if key not in known:
+            problems.append(f"Object contains unknown field `{key}` - at `$`")
+    parts: dict[str, Any] = {}
+    for key, typ in (("providers", ProviderConfig), ("models", ModelConfig), ("keys", KeyConfig)):
+        items = tree.get(key, [])
+        if not isinstance(items, list):
+            problems.append(f"Expected `array`, got `{type(items).__name__}` - at `$.{key}`")
+            continue
+        good = []
+        for i, item in enumerate(items):
+            try:
+                good.append(msgspec.convert(item, typ))
+            except msgspec.ValidationError as e:
+                problems.append(str(e).replace("`$", f"`$.{key}[{i}]"))
+        parts[key] = good
+    if "server" in tree:
+        try:
+            parts["server"] = msgspec.convert(tree["server"], ServerConfig)
+        except msgspec.ValidationError as e:
+            problems.append(str(e).replace("`$", "`$.server"))
+    if problems:
+        return None
+    return Config(**parts)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def validate(cfg: Config) -> list[str]:
+    """Cross-reference checks that types cannot express; returns every problem found."""
+    from adapters import REGISTRY  # late: adapters import config types
+
+    problems: list[str] = []
+    seen: set[str] = set()
+    for i, p in enumerate(cfg.providers):
+        if p.name in seen:
+            problems.append(f"duplicate provider name `{p.name}` - at `$.providers[{i}].name`")
+        seen.add(p.name)
+        if p.adapter not in REGISTRY:
+            problems.append(
+                f"unknown adapter `{p.adapter}` (known: {', '.join(sorted(REGISTRY))}) - at `$.providers[{i}].adapter`"
+            )
+        if p.base_url != BUILTIN_DEMO and not p.base_url.startswith(("http://", "https://")):
+            problems.append(
+                f"base-url must start with http:// or https:// (or be {BUILTIN_DEMO}) - at `$.providers[{i}].base-url`"
+            )
+    names: set[str] = set()
+    for i, m in enumerate(cfg.models):
+        if m.name in names:
+            problems.append(f"duplicate model name `{m.name}` - at `$.models[{i}].name`")
+        names.add(m.name)
+        if not m.endpoints:
+            problems.append(f"model `{m.name}` has no endpoints - at `$.models[{i}].endpoints`")
+        for j, e in enumerate(m.endpoints):
+            if e.provider not in seen:
+                problems.append(f"unknown provider `{e.provider}` - at `$.models[{i}].endpoints[{j}].provider`")
+    for i, k in enumerate(cfg.keys):
+        if (k.key is None) == (k.key_sha256 is None):
+            problems.append(f"give exactly one of `key` and `key-sha256` - at `$.keys[{i}]`")
+        elif k.key is not None and len(k.key) < 8:
+            problems.append(f"key is shorter than 8 characters - at `$.keys[{i}].key`")
+        elif k.key_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", k.key_sha256):
+            problems.append(f"key-sha256 must be 64 lowercase hex digits - at `$.keys[{i}].key-sha256`")
+        if k.key == DEMO_KEY and not _is_loopback(cfg.server.host):
+            problems.append(
+                f"the demo key {DEMO_KEY} is accepted only on a loopback address, not {cfg.server.host};"
+                f" set HEDGEROW_API_KEY - at `$.keys[{i}]`"
+            )
+    if not cfg.keys:
+        problems.append("no gateway keys configured - at `$.keys`")
+    return problems
+
+
+def parse(text: str, fmt: str, env: dict[str, str] | None = None) -> Config:
+    """Decode YAML or TOML text into a validated Config, or raise ConfigError listing every problem."""
+    env = dict(os.environ) if env is None else env
+    try:
+        tree = tomllib.loads(text) if fmt == "toml" else yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError([f"cannot parse {fmt}: {e}"]) from None
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise ConfigError(["the config must be a mapping at the top level - at `$`"])
+    problems: list[str] = []
+    _drop_disabled(tree, env)
+    tree = _expand(tree, "$", env, problems)
+    cfg = _convert_all(tree, problems)
+    if cfg is not None:
+        problems.extend(validate(cfg))
+    if problems:
+        raise ConfigError(problems)
+    assert cfg is not None
+    return cfg
+
+
+def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None) -> Config:
+    """Load a config file (format by extension), or the embedded default when path is None."""
+    if path is None:
+        text = resources.files("proxy").joinpath("default.yaml").read_text("utf-8")
+        return parse(text, "yaml", env)
+    p = Path(path)
+    try:
+        text = p.read_text("utf-8")
+    except OSError as e:
+        raise ConfigError([f"cannot read {p}: {e.strerror}"]) from None
+    return parse(text, "toml" if p.suffix == ".toml" else "yaml", env)
+
+
+def key_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def with_server(cfg: Config, **changes: Any) -> Config:
+    """A copy with server fields replaced (CLI flags), re-validated (the demo-key rule depends on host)."""
+    given = {k: v for k, v in changes.items() if v is not None}
+    new = msgspec.structs.replace(cfg, server=msgspec.structs.replace(cfg.server, **given))
+    problems = validate(new)
+    if problems:
+        raise ConfigError(problems)
+    return new

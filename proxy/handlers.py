@@ -1,0 +1,136 @@
+"""Thin HTTP handlers: authenticate, read and parse only what routing needs, forward.
+
+Errors are raised as `GatewayError`s and rendered in one place (`error_middleware`), so no handler chooses a
+status or an error shape, and nothing — not even an unexpected exception — reaches a client as a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+
+import orjson
+from aiohttp import web
+
+from proxy.accounting.keys import KeyRing
+from proxy.errors import (
+    GatewayError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    RequestTimeout,
+    Unavailable,
+)
+from proxy.forward import Forwarder
+from proxy.schema import decode_view
+
+log = logging.getLogger("hedgerow")
+
+
+class Gateway:
+    """Everything a handler needs, built once per worker (see app.py)."""
+
+    __slots__ = ("_ids", "body_timeout_s", "draining", "forwarder", "keys", "max_body_bytes", "models_body")
+
+    def __init__(self, keys: KeyRing, max_body_bytes: int, body_timeout_s: float) -> None:
+        self.keys = keys
+        self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
+        self.draining = False
+        # Generation ids: a random per-process prefix and a counter; unique without a syscall per request.
+        self._ids = map(f"gen-{os.urandom(6).hex()}-{{:x}}".format, itertools.count(1))
+        self.forwarder: Forwarder
+        self.models_body = b""
+
+    def attach(self, forwarder: Forwarder) -> None:
+        """Set at startup, once the upstream client and the route table exist."""
+        self.forwarder = forwarder
+        table = forwarder.table
+        self.models_body = orjson.dumps(
+            {
+                "object": "list",
+                "data": [
+                    {"id": m, "object": "model", "created": 0, "owned_by": table.models[m][0].provider}
+                    for m in table.public
+                ],
+            }
+        )
+
+    async def read_body(self, request: web.Request) -> bytes:
+        length = request.content_length
+        if length is not None and length > self.max_body_bytes:
+            raise PayloadTooLarge(f"request body of {length} bytes exceeds the limit of {self.max_body_bytes}")
+        try:
+            if request.content.is_eof():  # the whole body came with the head: no wait, no timer
+                return await request.read()
+            async with asyncio.timeout(self.body_timeout_s):
+                return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise PayloadTooLarge(f"request body exceeds the limit of {self.max_body_bytes} bytes") from None
+        except TimeoutError:
+            raise RequestTimeout(f"request body not received within {self.body_timeout_s:g}s") from None
+
+    async def _proxy(self, request: web.Request, kind: str) -> web.StreamResponse:
+        self.keys.check(request.headers.get("Authorization"))
+        body = await self.read_body(request)
+        view = decode_view(kind, body)
+        return await self.forwarder.forward(request, kind, view, body, next(self._ids))
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._proxy(request, "chat")
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._proxy(request, "completions")
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        return await self._proxy(request, "embeddings")
+
+    async def models(self, request: web.Request) -> web.Response:
+        self.keys.check(request.headers.get("Authorization"))
+        return web.Response(body=self.models_body, content_type="application/json")
+
+    async def livez(self, request: web.Request) -> web.Response:
+        return web.Response(body=b'{"status":"ok"}', content_type="application/json")
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        if self.draining:
+            raise Unavailable("draining: this node is shutting down")
+        return web.Response(body=b'{"status":"ready"}', content_type="application/json")
+
+
+def render(err: GatewayError) -> web.Response:
+    resp = web.Response(status=err.status, body=err.body(), content_type="application/json")
+    for name, value in err.headers().items():
+        resp.headers[name] = value
+    if isinstance(err, PayloadTooLarge | RequestTimeout):
+        resp.force_close()  # the rest of the body may still be in flight; don't read it
+    return resp
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except GatewayError as e:
+        return render(e)
+    except web.HTTPException as e:  # aiohttp's own: unknown route, wrong method, body too large
+        if e.status == 404:
+            return render(NotFound(f"no route for {request.method} {request.path}"))
+        if e.status == 405:
+            return render(MethodNotAllowed(f"method {request.method} not allowed on {request.path}"))
+        if e.status == 413:
+            return render(PayloadTooLarge("request body too large"))
+        return render(_http_error(e))
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("unexpected error serving %s %s", request.method, request.path)
+        return render(GatewayError("internal error in the gateway"))
+
+
+def _http_error(e: web.HTTPException) -> GatewayError:
+    err = GatewayError(e.reason)
+    err.status = e.status  # type: ignore[misc]
+    return err

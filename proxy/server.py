@@ -1,0 +1,191 @@
+"""Run the gateway: uvloop, N worker processes sharing the port (SO_REUSEPORT), signals, graceful drain.
+
+aiohttp has no deadline for reading a request head, so a client trickling header bytes (slowloris) could
+hold a connection forever; `_HeadDeadlineHandler` closes it with a 408 after `header-timeout-s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from proxy.app import GATEWAY, build_app
+from proxy.config import Config
+from proxy.errors import GatewayError, RequestTimeout
+
+log = logging.getLogger("hedgerow")
+
+_HEAD_TIMEOUT_RESPONSE = b"".join(
+    (
+        b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nConnection: close\r\n",
+        b"Content-Length: %d\r\n\r\n" % len(RequestTimeout("request head not received in time").body()),
+        RequestTimeout("request head not received in time").body(),
+    )
+)
+
+
+class _HeadDeadlineHandler(RequestHandler):
+    """aiohttp's connection handler plus a deadline on each request head, and OpenAI-shaped protocol errors."""
+
+    head_timeout: float = 10.0
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._messages:  # a head was parsed: the request is under way
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+        elif self._head_timer is None and data and self._awaiting_head():
+            self._head_timer = self._loop.call_later(self.head_timeout, self._head_expired)
+
+    def _awaiting_head(self) -> bool:
+        waiter = self._waiter
+        return self._request_count == 0 or (waiter is not None and not waiter.done())
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        if self.transport is not None and not self._messages and self._awaiting_head():
+            self.transport.write(_HEAD_TIMEOUT_RESPONSE)
+            self.force_close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
+
+    def handle_error(
+        self,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; cannot send an error")
+        err = GatewayError("malformed HTTP request" if status == 400 else "internal error in the gateway")
+        err.status = status  # type: ignore[misc]
+        if status == 400:
+            err.openai_type = "invalid_request_error"  # type: ignore[misc]
+        resp = web.Response(status=status, body=err.body(), content_type="application/json")
+        resp.force_close()
+        return resp
+
+
+class _GatewayRunner(web.AppRunner):
+    def __init__(self, app: web.Application, head_timeout: float, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._head_timeout = head_timeout
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        # aiohttp offers no hook for the connection handler class; retarget the Server it built.
+        server.__class__ = _DeadlineServer
+        server.head_timeout = self._head_timeout  # type: ignore[attr-defined]
+        return server
+
+
+class _DeadlineServer(web.Server):
+    head_timeout: float = 10.0
+
+    def __call__(self) -> RequestHandler:
+        handler = _HeadDeadlineHandler(self, loop=self._loop, **self._kwargs)
+        handler.head_timeout = self.head_timeout
+        return handler
+
+
+def install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency, but keep running without it
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def serve(
+    cfg: Config,
+    *,
+    reuse_port: bool = False,
+    on_ready: Callable[[int], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT (or `stop` is set), then drain: stop accepting, let in-flight requests
+    end within the grace period, return."""
+    app = build_app(cfg)
+    s = cfg.server
+    runner = _GatewayRunner(
+        app,
+        s.header_timeout_s,
+        handle_signals=False,
+        access_log=None,  # the access log is written off the hot path by accounting, not per line here
+        handler_cancellation=True,  # a client that disconnects cancels its handler → its upstream attempt
+        keepalive_timeout=s.keepalive_timeout_s,
+        shutdown_timeout=s.drain_grace_s,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, s.host, s.port, reuse_port=reuse_port or None, backlog=2048)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    log.info("hedgerow listening on http://%s:%d (pid %d)", s.host, port, os.getpid())
+    if on_ready is not None:
+        on_ready(port)
+    await stop.wait()
+    app[GATEWAY].draining = True
+    log.info("draining (up to %gs for in-flight requests)", s.drain_grace_s)
+    await runner.cleanup()  # closes the listener, waits for handlers up to shutdown_timeout, then cancels
+    log.info("stopped")
+
+
+def _worker(cfg: Config, reuse_port: bool) -> None:
+    install_uvloop()
+    asyncio.run(serve(cfg, reuse_port=reuse_port))
+
+
+def run(cfg: Config) -> int:
+    """Run in this process (one worker) or supervise N forked workers sharing the port."""
+    workers = cfg.server.workers
+    if workers == 1:
+        _worker(cfg, reuse_port=False)
+        return 0
+    if not hasattr(socket, "SO_REUSEPORT"):
+        log.error("--workers > 1 needs SO_REUSEPORT, which this platform lacks")
+        return 2
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_worker, args=(cfg, True), name=f"hedgerow-worker-{i}") for i in range(workers)]
+    for p in procs:
+        p.start()
+
+    def forward(signum: int, _frame: Any) -> None:
+        for p in procs:
+            if p.pid is not None and p.is_alive():
+                os.kill(p.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = []
+    for p in procs:
+        p.join()
+        codes.append(p.exitcode or 0)
+    return 0 if all(c == 0 for c in codes) else 1
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"
+    )

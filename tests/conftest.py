@@ -1,0 +1,87 @@
+"""Fixtures: fake upstreams (real servers on loopback) and the gateway served by its real runner."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from proxy.config import Config, parse
+from proxy.server import serve
+from tests.fakes import FakeUpstream
+
+KEY = "sk-test-0123456789"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture
+async def fake_upstream(aiohttp_server: Any) -> FakeUpstream:
+    fake = FakeUpstream()
+    server = await aiohttp_server(fake.app)  # handler_cancellation is on in test servers
+    fake.base_url = str(server.make_url("/v1"))
+    return fake
+
+
+def gateway_config(
+    upstreams: dict[str, str],
+    *,
+    models: dict[str, list[tuple[str, str]]] | None = None,
+    timeouts: dict[str, float] | None = None,
+    server: dict[str, Any] | None = None,
+) -> Config:
+    """A config with one provider per upstream URL; by default model `test/gpt-4o-mini` on every provider."""
+    t = {"connect-s": 1.0, "first-byte-s": 2.0, "idle-s": 2.0, "total-s": 10.0, **(timeouts or {})}
+    tree = {
+        "server": {"host": "127.0.0.1", "port": 0, "drain-grace-s": 5.0, **(server or {})},
+        "keys": [{"name": "test", "key": KEY}],
+        "providers": [{"name": n, "base-url": url, "api-key": f"sk-upstream-{n}", "timeouts": t} for n, url in upstreams.items()],
+        "models": [
+            {"name": name, "endpoints": [{"provider": p, "model": m} for p, m in eps]}
+            for name, eps in (models or {"test/gpt-4o-mini": [(n, "gpt-4o-mini") for n in upstreams]}).items()
+        ],
+    }
+    return parse(yaml.safe_dump(tree), "yaml", env={})
+
+
+@dataclass
+class RunningGateway:
+    port: int
+    url: str  # base URL, e.g. http://127.0.0.1:PORT
+
+    @property
+    def v1(self) -> str:
+        return self.url + "/v1"
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[Callable[[Config], Awaitable[RunningGateway]]]:
+    """Start gateways with the production runner (head deadline, drain) inside the test's loop."""
+    running: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
+
+    async def start(cfg: Config) -> RunningGateway:
+        ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        stop = asyncio.Event()
+        task = asyncio.create_task(serve(cfg, on_ready=ready.set_result, stop=stop))
+        running.append((stop, task))
+        done, _ = await asyncio.wait([ready, task], return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            task.result()  # raises the startup error
+        port = ready.result()
+        return RunningGateway(port, f"http://127.0.0.1:{port}")
+
+    yield start
+    for stop, task in running:
+        stop.set()
+    for _, task in running:
+        await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
