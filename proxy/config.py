@@ -148,6 +148,12 @@ def _drop_disabled(tree: dict[str, Any], env: dict[str, str]) -> None:
         tree["models"] = kept
 
 
+def _at(e: msgspec.ValidationError, path: str) -> str:
+    """msgspec's message with its path made absolute (errors at an item's root carry no path at all)."""
+    text = str(e)
+    return text.replace("`$", f"`{path}") if " - at `$" in text else f"{text} - at `{path}`"
+
+
 def _convert_all(tree: dict[str, Any], problems: list[str]) -> Config | None:
     """Convert section by section and item by item so that every type error is reported."""
     known = set(Config.__struct_encode_fields__)
@@ -165,13 +171,13 @@ def _convert_all(tree: dict[str, Any], problems: list[str]) -> Config | None:
             try:
                 good.append(msgspec.convert(item, typ))
             except msgspec.ValidationError as e:
-                problems.append(str(e).replace("`$", f"`$.{key}[{i}]"))
+                problems.append(_at(e, f"$.{key}[{i}]"))
         parts[key] = good
     if "server" in tree:
         try:
             parts["server"] = msgspec.convert(tree["server"], ServerConfig)
         except msgspec.ValidationError as e:
-            problems.append(str(e).replace("`$", "`$.server"))
+            problems.append(_at(e, "$.server"))
     if problems:
         return None
     return Config(**parts)

@@ -39,7 +39,9 @@ def gateway_config(
     tree = {
         "server": {"host": "127.0.0.1", "port": 0, "drain-grace-s": 5.0, **(server or {})},
         "keys": [{"name": "test", "key": KEY}],
-        "providers": [{"name": n, "base-url": url, "api-key": f"sk-upstream-{n}", "timeouts": t} for n, url in upstreams.items()],
+        "providers": [
+            {"name": n, "base-url": url, "api-key": f"sk-upstream-{n}", "timeouts": t} for n, url in upstreams.items()
+        ],
         "models": [
             {"name": name, "endpoints": [{"provider": p, "model": m} for p, m in eps]}
             for name, eps in (models or {"test/gpt-4o-mini": [(n, "gpt-4o-mini") for n in upstreams]}).items()
@@ -75,7 +77,7 @@ async def gateway() -> AsyncIterator[Callable[[Config], Awaitable[RunningGateway
         return RunningGateway(port, f"http://127.0.0.1:{port}")
 
     yield start
-    for stop, task in running:
+    for stop, _ in running:
         stop.set()
     for _, task in running:
         await asyncio.wait_for(task, 10)

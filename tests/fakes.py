@@ -53,6 +53,7 @@ class FakeUpstream:
         self.requests: list[Seen] = []
         self.cancelled = 0  # handlers cut short because the gateway closed the connection
         self.finished = 0
+        self._cancel_seen = asyncio.Event()
         self.base_url = ""
         self.app = web.Application()
         self.app.router.add_route("*", "/{tail:.*}", self._handle)
@@ -91,9 +92,12 @@ class FakeUpstream:
             return resp
         except (asyncio.CancelledError, ConnectionResetError):
             self.cancelled += 1
+            self._cancel_seen.set()
             raise
 
-    async def wait_cancelled(self, n: int = 1, timeout: float = 5.0) -> None:
-        async with asyncio.timeout(timeout):
+    async def wait_cancelled(self, n: int = 1, within: float = 5.0) -> None:
+        """Wait until `n` upstream handlers were cut short by the gateway closing the connection."""
+        async with asyncio.timeout(within):
             while self.cancelled < n:
-                await asyncio.sleep(0.01)
+                self._cancel_seen.clear()
+                await self._cancel_seen.wait()

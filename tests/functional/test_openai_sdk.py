@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import orjson
 import openai
+import orjson
 
 from tests.conftest import KEY, gateway_config
 from tests.fakes import Script, fixture, sse_events

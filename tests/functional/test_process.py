@@ -1,0 +1,163 @@
+"""The gateway as an operator runs it: `hedgerow serve` in its own process, signals, workers, the demo."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import openai
+import pytest
+import yaml
+
+from tests.conftest import AUTH, KEY
+from tests.fakes import Script, fixture, sse_events
+
+CHAT = {"model": "test/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+
+
+async def _spawn(*args: str, env: dict[str, str] | None = None) -> tuple[asyncio.subprocess.Process, int]:
+    """Start `python -m proxy …` and wait for its "listening on" line; return the process and its port."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    assert proc.stderr is not None
+    async with asyncio.timeout(15):
+        while True:
+            line = (await proc.stderr.readline()).decode()
+            if not line:
+                raise AssertionError(f"gateway exited early: {await proc.wait()}")
+            if m := re.search(r"listening on http://[^:]+:(\d+)", line):
+                return proc, int(m.group(1))
+
+
+def _config_file(tmp_path: Path, upstream: str, **server: object) -> str:
+    tree = {
+        "server": {"host": "127.0.0.1", "port": 0, **server},
+        "keys": [{"name": "test", "key": KEY}],
+        "providers": [{"name": "fake", "base-url": upstream}],
+        "models": [{"name": "test/gpt-4o-mini", "endpoints": [{"provider": "fake", "model": "gpt-4o-mini"}]}],
+    }
+    path = tmp_path / "hedgerow.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return str(path)
+
+
+async def test_sigterm_drains_a_stream_in_flight_then_exits_zero(fake_upstream, http, tmp_path):
+    events = sse_events(fixture("stream_ok.sse"))
+    fake_upstream.script(Script(sse=events, gap_s=0.08))  # ~1 s of streaming
+    proc, port = await _spawn(
+        "serve", "--config", _config_file(tmp_path, fake_upstream.base_url, **{"drain-grace-s": 10})
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        async with asyncio.timeout(10), http.post(url, json={**CHAT, "stream": True}, headers=AUTH) as r:
+            first = await r.content.readany()
+            proc.send_signal(signal.SIGTERM)
+            rest = await r.read()
+        assert first + rest == fixture("stream_ok.sse")  # the stream finished whole, after SIGTERM
+        async with asyncio.timeout(10):
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    with pytest.raises(OSError):
+        await asyncio.open_connection("127.0.0.1", port)  # no longer accepting
+
+
+async def test_sigterm_cuts_streams_that_outlive_the_grace_period(fake_upstream, http, tmp_path):
+    events = sse_events(fixture("stream_ok.sse"))
+    fake_upstream.script(Script(sse=events, gap_s=1.0))  # ~11 s: longer than the grace
+    proc, port = await _spawn(
+        "serve", "--config", _config_file(tmp_path, fake_upstream.base_url, **{"drain-grace-s": 0.5})
+    )
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    async with asyncio.timeout(10):
+        async with http.post(url, json={**CHAT, "stream": True}, headers=AUTH) as r:
+            await r.content.readany()
+            proc.send_signal(signal.SIGTERM)
+            with pytest.raises(Exception):  # noqa: B017 - any transport error: the stream was cut
+                await r.read()
+        assert await proc.wait() == 0
+        await fake_upstream.wait_cancelled()  # and its upstream request did not linger
+
+
+async def test_embedded_default_config_serves_the_demo_provider_to_the_sdk():
+    env = {"HEDGEROW_API_KEY": "", "OPENAI_API_KEY": ""}
+    proc, port = await _spawn("serve", "--port", "0", env=env)
+    try:
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-hedgerow-demo", max_retries=0)
+        models = [m.id for m in (await client.models.list()).data]
+        assert "hedgerow/demo" in models and "openai/gpt-4o-mini" not in models  # no OpenAI key → no OpenAI
+        done = await client.chat.completions.create(
+            model="hedgerow/demo", messages=[{"role": "user", "content": "ping"}]
+        )
+        assert "[demo]" in (done.choices[0].message.content or "")
+        assert "ping" in (done.choices[0].message.content or "")
+        parts = []
+        async for chunk in await client.chat.completions.create(
+            model="hedgerow/demo", messages=[{"role": "user", "content": "ping"}], stream=True
+        ):
+            if chunk.choices:
+                parts.append(chunk.choices[0].delta.content or "")
+        assert len(parts) > 5 and "".join(parts) == done.choices[0].message.content
+        with pytest.raises(openai.AuthenticationError):
+            await openai.AsyncOpenAI(
+                base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-wrong-key", max_retries=0
+            ).models.list()
+        await client.close()
+    finally:
+        proc.terminate()
+        assert await proc.wait() == 0
+
+
+async def test_openai_key_in_environment_enables_openai_models():
+    env = {"HEDGEROW_API_KEY": "sk-custom-0123456789", "OPENAI_API_KEY": "sk-not-used-in-this-test"}
+    proc, port = await _spawn("serve", "--port", "0", env=env)
+    try:
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-custom-0123456789")
+        assert "openai/gpt-4o-mini" in [m.id for m in (await client.models.list()).data]
+        with pytest.raises(openai.AuthenticationError):  # the demo key is off once a real key is set
+            await openai.AsyncOpenAI(
+                base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-hedgerow-demo", max_retries=0
+            ).models.list()
+        await client.close()
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+async def test_demo_key_refused_on_a_non_loopback_address():
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "serve", "--host", "0.0.0.0", "--port", "0",
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "HEDGEROW_API_KEY": ""},
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 15)
+    assert proc.returncode == 2
+    assert b"demo key sk-hedgerow-demo is accepted only on a loopback address" in err
+
+
+async def test_workers_share_the_port_and_all_drain(fake_upstream, http, tmp_path):
+    proc, port = await _spawn("serve", "--config", _config_file(tmp_path, fake_upstream.base_url), "--workers", "2")
+    try:
+        async with asyncio.timeout(20):
+            while len(_children(proc.pid)) < 2:  # noqa: ASYNC110 - polling /proc: the second worker may still be starting
+                await asyncio.sleep(0.05)
+            for _ in range(20):
+                async with http.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT, headers=AUTH) as r:
+                    assert r.status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+    assert _children(proc.pid) == []
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
