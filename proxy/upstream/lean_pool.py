@@ -77,9 +77,7 @@ def _build_head(target: Target, extra: Mapping[str, str] | None = None) -> bytes
             headers[name.lower()] = f"{name}: {value}\r\n"
     # yarl quotes the path the way aiohttp would, so both clients send identical request lines.
     path = URL(target.url).raw_path_qs
-    return (
-        f"{target.method} {path} HTTP/1.1\r\nHost: {host}\r\n{''.join(headers.values())}Content-Length: "
-    ).encode()
+    return (f"{target.method} {path} HTTP/1.1\r\nHost: {host}\r\n{''.join(headers.values())}Content-Length: ").encode()
 
 
 class LeanResponse:
@@ -100,9 +98,7 @@ class LeanResponse:
         "status",
     )
 
-    def __init__(
-        self, conn: _Conn, status: int, headers: CIMultiDict[str], keep_alive: bool, target: Target
-    ) -> None:
+    def __init__(self, conn: _Conn, status: int, headers: CIMultiDict[str], keep_alive: bool, target: Target) -> None:
         self._conn: _Conn | None = conn
         self._target = target
         self._keep_alive = keep_alive
@@ -178,9 +174,7 @@ class LeanResponse:
             self._queued = 0
             if len(body) > limit:
                 self.release()
-                raise UpstreamProtocolError(
-                    f"upstream response larger than {limit} bytes", upstream=self._target.host
-                )
+                raise UpstreamProtocolError(f"upstream response larger than {limit} bytes", upstream=self._target.host)
             self.release()
             return body
         parts: list[bytes] = []
@@ -306,8 +300,7 @@ class _Conn(asyncio.Protocol):
     # -- asyncio.Protocol --
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # create_connection() gives a Transport
         sock = transport.get_extra_info("socket")
         if sock is not None:
             try:
@@ -350,8 +343,8 @@ class _Conn(asyncio.Protocol):
         resp = self.resp
         if resp is not None and not resp._complete:
             h = resp.headers
-            if "content-length" not in h and "chunked" not in h.get("transfer-encoding", "").lower():
-                # A close-delimited body (no length, not chunked) ends exactly here. httptools does not
+            if exc is None and "content-length" not in h and "chunked" not in h.get("transfer-encoding", "").lower():
+                # A close-delimited body (no length, not chunked) ends at a clean EOF. httptools does not
                 # expose llhttp_finish(), so the end of such a body is recognised here.
                 resp._complete = True
                 resp._keep_alive = False
@@ -528,7 +521,7 @@ class _Pool:
         connect_deadline = loop.time() + connect_s
         try:
             async with asyncio.timeout_at(min(deadline, connect_deadline)):
-                _, conn = await loop.create_connection(self._new_conn, self.host, self.port)
+                transport, conn = await loop.create_connection(self._new_conn, self.host, self.port)
         except BaseException as e:
             self.size -= 1
             self._grant()
@@ -539,6 +532,8 @@ class _Pool:
             if isinstance(e, OSError):
                 raise UpstreamConnectError(f"cannot connect to {self.host}:{self.port} ({e})") from None
             raise
+        # uvloop calls connection_made() only after create_connection() has returned.
+        conn.transport = transport
         return conn
 
     def close(self) -> None:
@@ -612,9 +607,7 @@ class LeanClient:
                 except UpstreamError:
                     raise
                 except TimeoutError:
-                    raise UpstreamTimeout(
-                        f"upstream sent no response head within {timeouts.first_byte_s:g}s"
-                    ) from None
+                    raise UpstreamTimeout(f"upstream sent no response head within {timeouts.first_byte_s:g}s") from None
             transport = conn.transport
             if conn.closed or transport is None:
                 # A brand-new connection lost before we could write (pooled ones are checked when popped).
