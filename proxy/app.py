@@ -17,7 +17,7 @@ from proxy.upstream import new_client
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
 
 
-def build_app(cfg: Config, *, upstream_client: str = "aiohttp") -> web.Application:
+def build_app(cfg: Config) -> web.Application:
     app = web.Application(
         client_max_size=cfg.server.max_body_bytes,
         middlewares=[error_middleware],
@@ -31,7 +31,7 @@ def build_app(cfg: Config, *, upstream_client: str = "aiohttp") -> web.Applicati
         demo_runner, builtin = None, {}
         if any(p.base_url == BUILTIN_DEMO for p in cfg.providers):
             demo_runner, builtin[BUILTIN_DEMO] = await start_demo()
-        client = new_client(upstream_client)
+        client = new_client(cfg.server.upstream_client)
         gw.attach(Forwarder(build_table(cfg, builtin), client, cfg.server.max_response_bytes))
         try:
             yield

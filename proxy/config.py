@@ -14,7 +14,7 @@ import re
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 import yaml
@@ -81,6 +81,7 @@ class ServerConfig(Base):
     keepalive_timeout_s: PositiveFloat = 75.0  # idle client connection closed after this
     drain_grace_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0  # SIGTERM: time in-flight streams get to end
     max_response_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024 * 1024  # non-streamed upstream body
+    upstream_client: Literal["lean", "aiohttp"] = "lean"  # lean: httptools pool for http:// (https → aiohttp)
 
 
 class Config(Base):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 import yaml
 
@@ -60,12 +61,14 @@ class RunningGateway:
         return self.url + "/v1"
 
 
-@pytest.fixture
-async def gateway() -> AsyncIterator[Callable[[Config], Awaitable[RunningGateway]]]:
-    """Start gateways with the production runner (head deadline, drain) inside the test's loop."""
+@pytest.fixture(params=["lean", "aiohttp"])
+async def gateway(request: pytest.FixtureRequest) -> AsyncIterator[Callable[[Config], Awaitable[RunningGateway]]]:
+    """Start gateways with the production runner (head deadline, drain) inside the test's loop; every
+    test using it runs once per upstream client implementation."""
     running: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
 
     async def start(cfg: Config) -> RunningGateway:
+        cfg = msgspec.structs.replace(cfg, server=msgspec.structs.replace(cfg.server, upstream_client=request.param))
         ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         stop = asyncio.Event()
         task = asyncio.create_task(serve(cfg, on_ready=ready.set_result, stop=stop))

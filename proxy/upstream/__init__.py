@@ -10,7 +10,7 @@ from proxy.upstream.base import Target, UpstreamClient, UpstreamResponse
 __all__ = ["Target", "UpstreamClient", "UpstreamResponse", "new_client"]
 
 
-def new_client(kind: str = "aiohttp") -> UpstreamClient:
+def new_client(kind: str = "lean") -> UpstreamClient:
     """One pooled client per process. `kind` picks the implementation ("aiohttp" or "lean")."""
     if kind == "lean":
         from proxy.upstream.lean_pool import LeanClient
