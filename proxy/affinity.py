@@ -20,7 +20,7 @@ from typing import Annotated
 
 import msgspec
 
-from proxy.config import Base, PositiveFloat
+from proxy.structs import Base, PositiveFloat
 
 # Providers cache only prompts of at least 1024 tokens (OpenAI, Anthropic; some models need more). A token
 # covers at least one byte of text and the raw JSON is never shorter than its text, so a shared prefix under

@@ -27,7 +27,7 @@ import orjson
 from aiocache import Cache
 from aiocache.serializers import NullSerializer
 
-from proxy.config import Base, PositiveFloat
+from proxy.structs import Base, PositiveFloat
 
 log = logging.getLogger("hedgerow")
 

@@ -19,21 +19,30 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 
+from health.state import EjectionConfig
+from proxy.affinity import AffinityConfig
+from proxy.cache import CacheConfig
+from proxy.structs import Base, PositiveFloat
+
 DEMO_KEY = "sk-hedgerow-demo"  # documented; accepted only on a loopback listener
 BUILTIN_DEMO = "builtin:demo"  # base-url of the in-process demo upstream
-
-PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
-
-
-class Base(msgspec.Struct, forbid_unknown_fields=True, rename="kebab", frozen=True, kw_only=True):
-    """Strict: an unknown key is a typo. kebab-case keys. Frozen: config is shared by every request."""
 
 
 class Timeouts(Base):
     connect_s: PositiveFloat = 5.0  # TCP (+TLS) connect to the upstream
     first_byte_s: PositiveFloat = 120.0  # request sent → response headers (reasoning models think first)
+    first_token_s: PositiveFloat = 120.0  # streams: request sent → first content token (role frames don't count)
     idle_s: PositiveFloat = 120.0  # longest silence between two body chunks of one response
     total_s: PositiveFloat = 900.0  # whole attempt, streams included
+
+
+class ProbeConfig(Base):
+    enabled: bool = True  # active health probes for this provider
+    interval_s: PositiveFloat = 15.0  # between probes while every endpoint is in rotation
+    ejected_interval_s: PositiveFloat = 2.0  # faster while one is ejected, so it comes back soon after recovery
+    timeout_s: PositiveFloat = 3.0  # a probe slower than this failed
+    jitter: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.2  # ± share, so nodes don't probe in lockstep
+    kind: Literal["models", "chat"] = "models"  # GET /models (free), or a one-token chat completion per model
 
 
 class ProviderConfig(Base):
@@ -46,6 +55,7 @@ class ProviderConfig(Base):
     timeouts: Timeouts = Timeouts()
     weight: Annotated[float, msgspec.Meta(gt=0, le=1000)] = 1.0
     max_connections: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1024  # keep-alive pool size
+    probe: ProbeConfig = ProbeConfig()
 
 
 class Price(Base):
@@ -60,9 +70,28 @@ class EndpointConfig(Base):
     price: Price = Price()
 
 
+class HedgeConfig(Base):
+    enabled: bool = True  # only models with two or more providers can hedge
+    delay_s: PositiveFloat | None = None  # fixed delay; unset: the endpoint's rolling TTFT quantile, clamped
+    quantile: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.95  # the TTFT quantile that triggers a hedge
+    min_s: PositiveFloat = 0.25  # never hedge sooner: below this a second attempt is mostly waste
+    max_s: PositiveFloat = 10.0  # never wait longer than this for a first token before hedging
+    budget: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.05  # share of requests that may be hedged
+
+
 class ModelConfig(Base):
     name: str  # public name in the OpenRouter style, e.g. "openai/gpt-4o-mini"
     endpoints: list[EndpointConfig]
+    hedge: HedgeConfig = HedgeConfig()
+    cache: bool = False  # serve repeated deterministic requests from the response cache
+
+
+class RoutingConfig(Base):
+    ejection: EjectionConfig = EjectionConfig()
+    retry_budget: Annotated[float, msgspec.Meta(ge=0, le=10)] = 0.2  # failover attempts per recent request
+    retry_floor_per_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0  # …plus this many per second (tower, Finagle: 10)
+    stream_keepalive_s: PositiveFloat = 5.0  # SSE comment to the client while waiting for a first token
+    affinity: AffinityConfig = AffinityConfig()
 
 
 class KeyConfig(Base):
@@ -86,6 +115,8 @@ class ServerConfig(Base):
 
 class Config(Base):
     server: ServerConfig = ServerConfig()
+    routing: RoutingConfig = RoutingConfig()
+    cache: CacheConfig = CacheConfig()
     providers: list[ProviderConfig] = []
     models: list[ModelConfig] = []
     keys: list[KeyConfig] = []
@@ -174,11 +205,12 @@ def _convert_all(tree: dict[str, Any], problems: list[str]) -> Config | None:
             except msgspec.ValidationError as e:
                 problems.append(_at(e, f"$.{key}[{i}]"))
         parts[key] = good
-    if "server" in tree:
-        try:
-            parts["server"] = msgspec.convert(tree["server"], ServerConfig)
-        except msgspec.ValidationError as e:
-            problems.append(_at(e, "$.server"))
+    for key, typ in (("server", ServerConfig), ("routing", RoutingConfig), ("cache", CacheConfig)):
+        if key in tree:
+            try:
+                parts[key] = msgspec.convert(tree[key], typ)
+            except msgspec.ValidationError as e:
+                problems.append(_at(e, f"$.{key}"))
     if problems:
         return None
     return Config(**parts)

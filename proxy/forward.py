@@ -1,101 +1,280 @@
-"""Send a client request upstream: try endpoints in order, fail over before any byte reached the client.
+"""Serve one client request: plan the endpoints, run attempts (failover, hedge), relay the winner.
 
-Failover happens only on errors that another endpoint may not share (connect errors, timeouts, 408/409/
-429/5xx); an upstream's 4xx is the client's fault and is relayed at once. After the stream's first byte went
-downstream there are no retries (stream.py ends the stream with an error event instead).
+- Failover: connect errors, timeouts, 408/409/429/5xx and errors before a stream's first token move to the
+  next candidate while the retry budget allows; an upstream's client-fault 4xx is relayed at once.
+- Hedging: when the first attempt has produced no first token after the hedge delay, one more attempt starts
+  on a different provider; the first to commit wins and the other is cancelled at once (its connection
+  closed). Hedges are capped by a per-model budget.
+- Nothing is retried or hedged after a byte of the answer reached the client.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import orjson
 from aiohttp import web
 
+from health.monitor import Monitor
+from health.window import Outcome
+from proxy.attempt import Committed, Relay, run_attempt
+from proxy.budget import Budget
+from proxy.config import RoutingConfig
 from proxy.errors import (
     BadRequest,
     GatewayError,
+    Unavailable,
     UpstreamError,
     UpstreamStatus,
     UpstreamTimeout,
 )
-from proxy.router import Endpoint, RouteTable, attempt_order
+from proxy.preferences import fallback_models, provider_prefs
+from proxy.router import Endpoint, ModelRoute, Router
 from proxy.schema import _View
-from proxy.stream import SSE_HEADERS, pipe
+from proxy.stream import KEEPALIVE, SSE_HEADERS, pipe, prepare
 from proxy.upstream import UpstreamClient
 
 GENERATION_HEADER = "X-Hedgerow-Generation-Id"
 PROVIDER_HEADER = "X-Hedgerow-Provider"
+ENDPOINT_HEADER = "X-Hedgerow-Endpoint"
+ATTEMPTS_HEADER = "X-Hedgerow-Attempts"
+HEDGED_HEADER = "X-Hedgerow-Hedged"  # "won": a hedge attempt served; "lost": the first attempt won a race
+HEDGE_REQUEST_HEADER = "X-Hedgerow-Hedge"  # per request: "off", or a fixed delay in seconds
+
+
+class Attempts:
+    """How the attempts went: the winner, how many were made, whether a hedge raced and who won."""
+
+    __slots__ = ("attempts", "committed", "down", "hedge")
+
+    def __init__(self) -> None:
+        self.committed: Committed | None = None
+        self.attempts = 0
+        self.hedge = ""  # "", "won" or "lost"
+        self.down: web.StreamResponse | None = None  # the client stream, if keep-alives already opened it
 
 
 class Forwarder:
-    """Per-process forwarding state: the route table snapshot, the pooled client, limits."""
+    """Per-process forwarding state: router, monitor, pooled client, budgets."""
 
-    __slots__ = ("client", "max_response_bytes", "rng", "table")
+    __slots__ = ("_hedge_budgets", "client", "clock", "config", "max_response_bytes", "monitor", "retries", "router")
 
-    def __init__(self, table: RouteTable, client: UpstreamClient, max_response_bytes: int) -> None:
-        self.table = table
+    def __init__(
+        self,
+        router: Router,
+        monitor: Monitor,
+        client: UpstreamClient,
+        config: RoutingConfig,
+        max_response_bytes: int,
+        clock: Callable[[], float],
+    ) -> None:
+        self.router = router
+        self.monitor = monitor
         self.client = client
+        self.config = config
         self.max_response_bytes = max_response_bytes
-        self.rng = random.Random()
+        self.clock = clock
+        self.retries = Budget(config.retry_budget, floor_per_s=config.retry_floor_per_s, clock=clock)
+        self._hedge_budgets: dict[str, Budget] = {}
+
+    @property
+    def table(self):
+        return self.router.table
 
     async def forward(
         self, request: web.Request, kind: str, view: _View, body: bytes, gen_id: str
     ) -> web.StreamResponse:
-        endpoints = attempt_order(self.table.candidates(view.model), self.rng)
-        strip = view.has_gateway_fields()
-        loop = asyncio.get_running_loop()
-        last: UpstreamError | None = None
-        for ep in endpoints:
-            target = ep.adapter.target(kind)
-            if target is None:
-                continue
-            up_body = ep.adapter.request_body(body, view.model, ep.model, strip)
-            deadline = loop.time() + target.timeouts.total_s
-            headers = {GENERATION_HEADER: gen_id, PROVIDER_HEADER: ep.provider}
+        route, plan = self.router.plan(view.model, provider_prefs(view.provider), fallback_models(view.models))
+        plan = [ep for ep in plan if ep.adapter.target(kind) is not None]
+        if not plan:
+            raise BadRequest(f"model `{view.model}` does not support this endpoint", param="model")
+        self.retries.deposit()
+        hedge_delay = self._hedge_delay(route, plan, request.headers)
+        headers = {GENERATION_HEADER: gen_id}
+        run = Attempts()
+        try:
+            if hedge_delay is None and not view.stream:
+                await self._sequential(run, kind, view, body, plan)
+            else:
+                await self._race(run, request, kind, view, body, route, plan, hedge_delay, headers)
+        except Relay as r:
+            c = r.committed
+            headers[PROVIDER_HEADER] = c.ep.provider
+            return _relay(c, headers)
+        except GatewayError as e:
+            if run.down is not None:  # keep-alives already opened the stream: end it with the error
+                await run.down.write(e.sse_event())
+                return run.down
+            raise
+        c = run.committed
+        assert c is not None
+        headers[PROVIDER_HEADER] = c.ep.provider
+        headers[ENDPOINT_HEADER] = c.ep.key
+        headers[ATTEMPTS_HEADER] = str(run.attempts)
+        if run.hedge:
+            headers[HEDGED_HEADER] = run.hedge
+        if c.body is not None:
+            self.monitor.record(c.ep, Outcome.OK, c.ttfb, self.clock() - c.started)
+            headers["Content-Type"] = c.ctype
+            if run.down is not None:  # stream requested, upstream answered JSON, keep-alives already sent
+                await run.down.write(c.body)
+                return run.down
+            return web.Response(body=c.body, status=c.status, headers=headers)
+        return await self._relay_stream(request, run, c, headers)
+
+    async def _relay_stream(
+        self, request: web.Request, run: Attempts, c: Committed, headers: dict[str, str]
+    ) -> web.StreamResponse:
+        assert c.chunks is not None
+        outcome, tokens = Outcome.CANCELLED, 0
+        target = c.ep.adapter.target("chat")
+        deadline = c.started + (target.timeouts.total_s if target else 900.0)
+        try:
+            down = run.down
+            if down is None:
+                headers.update(SSE_HEADERS)
+                down = await prepare(request, c.status, headers)
+            outcome, tokens = await pipe(down, c.prefix, c.chunks, deadline)
+            return down
+        finally:
+            c.resp.release()  # no-op after a clean end; closes the upstream connection otherwise
+            self.monitor.record(c.ep, outcome, c.ttfb, self.clock() - c.started, tokens)
+
+    def _hedge_delay(self, route: ModelRoute, plan: list[Endpoint], headers: Mapping[str, str]) -> float | None:
+        """Seconds to wait for a first token before hedging, or None for no hedge."""
+        h = route.hedge
+        if len(plan) < 2 or not h.enabled or len({ep.provider for ep in plan}) < 2:
+            return None
+        asked = headers.get(HEDGE_REQUEST_HEADER)
+        if asked is not None:
+            if asked.lower() == "off":
+                return None
             try:
-                async with asyncio.timeout_at(deadline):
-                    resp = await self.client.send(target, up_body)
-                    if resp.status >= 300:
-                        data = await resp.read(self.max_response_bytes)
-                        failure = ep.adapter.classify(resp.status, data, resp.headers)
-                        if failure is not None:
-                            raise failure
-                        return _relay(resp.status, data, resp.headers, headers)  # the client's fault
-                    ctype = resp.headers.get("Content-Type", "application/json")
-                    if view.stream and ctype.startswith("text/event-stream"):
-                        data = None
-                    else:
-                        data = await resp.read(self.max_response_bytes)
+                return min(max(float(asked), 0.0), h.max_s)
+            except ValueError:
+                raise BadRequest(f"{HEDGE_REQUEST_HEADER} must be `off` or seconds", param=None) from None
+        if h.delay_s is not None:
+            return h.delay_s
+        q = plan[0].health.ttfb_quantile(h.quantile)
+        return h.max_s if q is None else min(max(q, h.min_s), h.max_s)
+
+    def _hedge_budget(self, route: ModelRoute) -> Budget:
+        b = self._hedge_budgets.get(route.name)
+        if b is None:
+            b = self._hedge_budgets[route.name] = Budget(route.hedge.budget, clock=self.clock)
+        return b
+
+    async def _sequential(self, run: Attempts, kind: str, view: _View, body: bytes, plan: list[Endpoint]) -> None:
+        """Failover without hedging: one attempt at a time, inline (no task per request)."""
+        strip = view.has_gateway_fields()
+        last: UpstreamError | None = None
+        for i, ep in enumerate(plan):
+            if i and not self.retries.withdraw():
+                break
+            run.attempts += 1
+            try:
+                run.committed = await run_attempt(
+                    self.client, self.monitor, ep, kind, body, view.model, strip, view.stream,
+                    self._deadline(ep, kind), self.max_response_bytes,
+                )  # fmt: skip
+                return
             except UpstreamError as e:
                 last = e
-                continue
-            except TimeoutError:
-                last = UpstreamTimeout(
-                    f"upstream {ep.provider} exceeded the total time of {target.timeouts.total_s:g}s"
+        raise _final_error(last, run.attempts, len(plan))
+
+    async def _race(
+        self,
+        run: Attempts,
+        request: web.Request,
+        kind: str,
+        view: _View,
+        body: bytes,
+        route: ModelRoute,
+        plan: list[Endpoint],
+        hedge_delay: float | None,
+        headers: dict[str, str],
+    ) -> None:
+        """Attempts as tasks: failover on errors, one hedge after the delay, SSE keep-alives while waiting."""
+        loop = asyncio.get_running_loop()
+        strip = view.has_gateway_fields()
+        tasks: dict[asyncio.Task[Committed], Endpoint] = {}
+        hedge_task: asyncio.Task[Committed] | None = None
+        queue = list(plan)
+        last: UpstreamError | None = None
+        start = loop.time()
+        hedge_at = start + hedge_delay if hedge_delay is not None else None
+        keepalive_s = self.config.stream_keepalive_s
+        keepalive_at = start + keepalive_s if view.stream else None
+
+        def launch(ep: Endpoint) -> asyncio.Task[Committed]:
+            run.attempts += 1
+            t = loop.create_task(
+                run_attempt(
+                    self.client, self.monitor, ep, kind, body, view.model, strip, view.stream,
+                    self._deadline(ep, kind), self.max_response_bytes,
                 )
-                continue
-            headers["Content-Type"] = ctype
-            if data is None:
-                headers.update(SSE_HEADERS)
-                return await pipe(request, resp, headers, deadline)
-            return web.Response(body=data, status=resp.status, headers=headers)
-        if last is None:
-            raise BadRequest(f"model `{view.model}` does not support this endpoint", param="model")
-        raise _final_error(last, endpoints[-1])
+            )  # fmt: skip
+            tasks[t] = ep
+            return t
+
+        launch(queue.pop(0))
+        try:
+            while tasks:
+                wake = min((t for t in (hedge_at, keepalive_at) if t is not None), default=None)
+                timeout = None if wake is None else max(0.0, wake - loop.time())
+                done, _ = await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                now = loop.time()
+                for t in done:
+                    tasks.pop(t)
+                    err = t.exception()
+                    if err is None:
+                        run.committed = t.result()
+                        if hedge_task is not None:
+                            run.hedge = "won" if t is hedge_task else "lost"
+                        return
+                    if isinstance(err, Relay):
+                        raise err
+                    if not isinstance(err, UpstreamError):
+                        raise err
+                    last = err
+                if done and not tasks and queue:
+                    if not self.retries.withdraw():
+                        break
+                    launch(queue.pop(0))
+                if hedge_at is not None and now >= hedge_at:
+                    hedge_at = None  # one hedge per request
+                    busy = {ep.provider for ep in tasks.values()}
+                    other = next((ep for ep in queue if ep.provider not in busy), None)
+                    if other is not None and tasks and self._hedge_budget(route).withdraw():
+                        queue.remove(other)
+                        hedge_task = launch(other)
+                if keepalive_at is not None and now >= keepalive_at and tasks:
+                    if run.down is None:
+                        headers.update(SSE_HEADERS)
+                        run.down = await prepare(request, 200, headers)
+                    await run.down.write(KEEPALIVE)
+                    keepalive_at = now + keepalive_s
+        finally:
+            for t in tasks:
+                t.cancel()  # the loser (or everything, if the client left): its connection closes now
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+        raise _final_error(last, run.attempts, len(plan))
+
+    def _deadline(self, ep: Endpoint, kind: str) -> float:
+        target = ep.adapter.target(kind)
+        assert target is not None
+        return self.clock() + target.timeouts.total_s
 
 
-_RELAYED = ("Content-Type", "Retry-After")
-
-
-def _relay(status: int, body: bytes, upstream: Mapping[str, str], headers: dict[str, str]) -> web.Response:
-    for name in _RELAYED:
-        value = upstream.get(name)
-        if value is not None:
-            headers[name] = value
-    return web.Response(body=body, status=status, headers=headers)
+def _relay(c: Committed, headers: dict[str, str]) -> web.Response:
+    """An upstream's client-fault answer, relayed as received (with Retry-After if it gave one)."""
+    headers["Content-Type"] = c.ctype
+    retry_after = c.resp.headers.get("Retry-After")
+    if retry_after is not None:
+        headers["Retry-After"] = retry_after
+    return web.Response(body=c.body, status=c.status, headers=headers)
 
 
 class RelayedStatus(GatewayError):
@@ -106,6 +285,8 @@ class RelayedStatus(GatewayError):
     def __init__(self, err: UpstreamStatus) -> None:
         super().__init__(err.message, upstream=err.upstream)
         self._err = err
+        self.status = err.upstream_status  # type: ignore[misc]
+        self.openai_type = "rate_limit_error" if err.upstream_status == 429 else "upstream_error"  # type: ignore[misc]
 
     def body(self) -> bytes:
         body = self._err.upstream_body
@@ -120,16 +301,18 @@ class RelayedStatus(GatewayError):
         return {"Retry-After": self._err.upstream_headers.get("Retry-After", "1")}
 
 
-def _final_error(last: UpstreamError, ep: Endpoint) -> GatewayError:
-    """What the client gets when every endpoint failed: 429 relayed, 5xx as 502/504, the rest as raised."""
+def _final_error(last: UpstreamError | None, attempts: int, candidates: int) -> GatewayError:
+    """What the client gets when no attempt succeeded."""
+    if last is None:
+        return Unavailable("no endpoint could take the request (retry budget exhausted)")
     if isinstance(last, UpstreamStatus):
         status = last.upstream_status
         if status in (408, 409, 429):
-            relayed = RelayedStatus(last)
-            relayed.status = status  # type: ignore[misc]
-            relayed.openai_type = "rate_limit_error" if status == 429 else "upstream_error"  # type: ignore[misc]
-            return relayed
+            return RelayedStatus(last)
         if status == 504:
-            return UpstreamTimeout(f"upstream {last.upstream} timed out (504)", upstream=last.upstream)
-        return UpstreamError(f"upstream {last.upstream} failed with status {status}", upstream=last.upstream)
+            last = UpstreamTimeout(f"upstream {last.upstream} timed out (504)", upstream=last.upstream)
+        else:
+            last = UpstreamError(f"upstream {last.upstream} failed with status {status}", upstream=last.upstream)
+    if candidates > 1 and attempts >= candidates:
+        return Unavailable(f"all {candidates} endpoints failed; the last: {last.message}")
     return last

@@ -52,7 +52,7 @@ class Gateway:
             {
                 "object": "list",
                 "data": [
-                    {"id": m, "object": "model", "created": 0, "owned_by": table.models[m][0].provider}
+                    {"id": m, "object": "model", "created": 0, "owned_by": table.models[m].endpoints[0].provider}
                     for m in table.public
                 ],
             }
@@ -90,6 +90,12 @@ class Gateway:
     async def models(self, request: web.Request) -> web.Response:
         self.keys.check(request.headers.get("Authorization"))
         return web.Response(body=self.models_body, content_type="application/json")
+
+    async def providers(self, request: web.Request) -> web.Response:
+        """Each endpoint's state and live stats, in the spirit of OpenRouter's endpoint stats."""
+        self.keys.check(request.headers.get("Authorization"))
+        data = self.forwarder.monitor.snapshot()
+        return web.Response(body=orjson.dumps({"data": data}), content_type="application/json")
 
     async def livez(self, request: web.Request) -> web.Response:
         return web.Response(body=b'{"status":"ok"}', content_type="application/json")

@@ -1,60 +1,92 @@
-"""Route table and candidate order: which endpoints may serve a model, and in what order to try them.
+"""Route table and candidate order: which endpoints may serve a request, and in what order to try them.
 
-The table is an immutable snapshot built from config; whoever changes routing builds a new one and swaps
-the reference, so a request never sees a half-updated table and the hot path takes no lock.
+The table is an immutable snapshot built from config; the health monitor publishes the healthy subset of
+each model as a new tuple whenever membership changes. The hot path reads both without a lock.
+
+Order (see DESIGN.md, Routing): the model's endpoints, filtered by the request's preferences, then the
+`models` fallbacks. Within a model: the preferred `order` first; else `sort` (price / latency / throughput);
+else power-of-two-choices on a load-aware cost (Peak-EWMA TTFB × (in-flight + 1)) divided by weight, with
+the rest ordered by cost as failover candidates. Ejected endpoints are skipped unless all are (panic mode).
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from adapters import REGISTRY, Adapter
-from proxy.config import BUILTIN_DEMO, Config, Price
-from proxy.errors import UnknownModel
+from health.monitor import Monitor
+from health.state import EndpointState
+from health.window import EndpointHealth
+from proxy.config import BUILTIN_DEMO, Config, HedgeConfig, Price
+from proxy.errors import Unavailable, UnknownModel
+from proxy.preferences import NO_PREFS, ProviderPrefs, Sort, split_suffix
 
 
 class Endpoint:
-    """One model served by one provider."""
+    """One model served by one provider, with its live health."""
 
-    __slots__ = ("adapter", "model", "price", "provider", "weight")
+    __slots__ = ("adapter", "health", "key", "model", "price", "provider", "state", "weight")
 
-    def __init__(self, provider: str, model: str, adapter: Adapter, weight: float, price: Price) -> None:
+    def __init__(
+        self, provider: str, model: str, adapter: Adapter, weight: float, price: Price, clock: Callable[[], float]
+    ) -> None:
         self.provider = provider
         self.model = model  # the upstream's own name
+        self.key = f"{provider}/{model}"
         self.adapter = adapter
         self.weight = weight
         self.price = price
+        self.health = EndpointHealth(clock, key=self.key)
+        self.state = EndpointState()
+
+    def unit_price(self) -> float:
+        return self.price.input + self.price.output
+
+
+class ModelRoute:
+    __slots__ = ("cache", "endpoints", "hedge", "name")
+
+    def __init__(self, name: str, endpoints: tuple[Endpoint, ...], hedge: HedgeConfig, cache: bool) -> None:
+        self.name = name
+        self.endpoints = endpoints
+        self.hedge = hedge
+        self.cache = cache
 
 
 class RouteTable:
     __slots__ = ("models", "public")
 
-    def __init__(self, models: Mapping[str, tuple[Endpoint, ...]], public: tuple[str, ...]) -> None:
-        self.models = models  # public names and unambiguous short aliases → endpoints
+    def __init__(self, models: Mapping[str, ModelRoute], public: tuple[str, ...]) -> None:
+        self.models = models  # public names and unambiguous short aliases → route
         self.public = public  # the public names, in config order, for /v1/models
 
-    def candidates(self, model: str) -> tuple[Endpoint, ...]:
-        eps = self.models.get(model)
-        if eps is None:
+    def route(self, model: str) -> ModelRoute:
+        r = self.models.get(model)
+        if r is None:
             raise UnknownModel(f"model `{model}` does not exist or is not served here", param="model")
-        return eps
+        return r
 
 
-def build_table(cfg: Config, builtin_urls: Mapping[str, str]) -> RouteTable:
-    """Build adapters (one per provider) and the model → endpoints table from a validated config."""
+def build_table(cfg: Config, builtin_urls: Mapping[str, str], clock: Callable[[], float]) -> RouteTable:
+    """Build adapters (one per provider), endpoints (one per provider + upstream model) and the table."""
     adapters: dict[str, Adapter] = {}
     weights: dict[str, float] = {}
     for p in cfg.providers:
         base = builtin_urls[p.base_url] if p.base_url == BUILTIN_DEMO else p.base_url
         adapters[p.name] = REGISTRY[p.adapter](p, base)
         weights[p.name] = p.weight
-    models: dict[str, tuple[Endpoint, ...]] = {}
+    shared: dict[str, Endpoint] = {}  # one health record per provider + upstream model, whatever its aliases
+    models: dict[str, ModelRoute] = {}
     for m in cfg.models:
-        models[m.name] = tuple(
-            Endpoint(e.provider, e.model, adapters[e.provider], e.weight * weights[e.provider], e.price)
-            for e in m.endpoints
-        )
+        eps = []
+        for e in m.endpoints:
+            key = f"{e.provider}/{e.model}"
+            if key not in shared:
+                w = e.weight * weights[e.provider]
+                shared[key] = Endpoint(e.provider, e.model, adapters[e.provider], w, e.price, clock)
+            eps.append(shared[key])
+        models[m.name] = ModelRoute(m.name, tuple(eps), m.hedge, m.cache)
     # "gpt-4o-mini" finds "openai/gpt-4o-mini" when exactly one public name ends that way.
     short: dict[str, list[str]] = {}
     for name in models:
@@ -64,9 +96,86 @@ def build_table(cfg: Config, builtin_urls: Mapping[str, str]) -> RouteTable:
     return RouteTable({**models, **aliases}, tuple(m.name for m in cfg.models))
 
 
-def attempt_order(endpoints: tuple[Endpoint, ...], rng: random.Random) -> tuple[Endpoint, ...]:
-    """Weighted random order without replacement: traffic splits by weight; the rest are fallbacks."""
-    if len(endpoints) == 1:
-        return endpoints
-    # Efraimidis–Spirakis: sort by u^(1/w); one pass, no normalisation.
-    return tuple(sorted(endpoints, key=lambda e: rng.random() ** (1.0 / e.weight), reverse=True))
+class Router:
+    __slots__ = ("monitor", "rng", "table")
+
+    def __init__(self, table: RouteTable, monitor: Monitor, rng: random.Random) -> None:
+        self.table = table
+        self.monitor = monitor
+        self.rng = rng
+
+    def plan(
+        self, model: str, prefs: ProviderPrefs = NO_PREFS, fallbacks: list[str] | None = None
+    ) -> tuple[ModelRoute, list[Endpoint]]:
+        """The primary model's route and every endpoint to try, in order (first = first attempt)."""
+        name, suffix_sort = split_suffix(model)
+        route = self.table.route(name)
+        if prefs is NO_PREFS and suffix_sort is None and not fallbacks:
+            return route, self._order(route, None)  # the common case: no preferences at all
+        out = self._filtered(route, prefs, prefs.sort or suffix_sort)
+        for fb in fallbacks or ():
+            fb_name, fb_sort = split_suffix(fb)
+            fb_route = self.table.models.get(fb_name)
+            if fb_route is None:
+                continue  # an unknown fallback is skipped, as OpenRouter does
+            out.extend(e for e in self._filtered(fb_route, prefs, prefs.sort or fb_sort) if e not in out)
+        if not prefs.allow_fallbacks:
+            out = out[:1]
+        if not out:
+            raise Unavailable(f"no endpoint of `{name}` matches the request's provider preferences")
+        return route, out
+
+    def _order(self, route: ModelRoute, sort: Sort | None) -> list[Endpoint]:
+        healthy: tuple[Endpoint, ...] = self.monitor.healthy.get(route.name, ())  # type: ignore[assignment]
+        if not healthy:
+            least_bad = self.monitor.least_bad(route.name)
+            return [least_bad] if least_bad is not None else []  # type: ignore[list-item]
+        if len(healthy) == 1:
+            return [healthy[0]]
+        if sort is not None:
+            return sorted(healthy, key=_SORT_KEYS[sort])
+        return self._p2c(healthy)
+
+    def _p2c(self, eps: tuple[Endpoint, ...]) -> list[Endpoint]:
+        """Two weighted-random picks, keep the cheaper; the rest follow by cost as failover candidates."""
+        rng = self.rng
+        weights = [e.weight for e in eps]
+        a, b = rng.choices(range(len(eps)), weights, k=2)
+        if a == b:
+            b = (a + 1 + rng.randrange(len(eps) - 1)) % len(eps)
+        ea, eb = eps[a], eps[b]
+        first = ea if ea.health.cost() / ea.weight <= eb.health.cost() / eb.weight else eb
+        rest = sorted((e for e in eps if e is not first), key=lambda e: e.health.cost() / e.weight)
+        return [first, *rest]
+
+    def _filtered(self, route: ModelRoute, prefs: ProviderPrefs, sort: Sort | None) -> list[Endpoint]:
+        eps = self._order(route, sort)
+        if prefs.only is not None:
+            eps = [e for e in eps if e.provider in prefs.only]
+        if prefs.ignore:
+            eps = [e for e in eps if e.provider not in prefs.ignore]
+        mp = prefs.max_price
+        if mp is not None:
+            eps = [
+                e
+                for e in eps
+                if (mp.prompt is None or e.price.input <= mp.prompt)
+                and (mp.completion is None or e.price.output <= mp.completion)
+            ]
+        if prefs.order:
+            rank = {p: i for i, p in enumerate(prefs.order)}
+            listed = sorted((e for e in eps if e.provider in rank), key=lambda e: rank[e.provider])
+            eps = listed + ([e for e in eps if e.provider not in rank] if prefs.allow_fallbacks else [])
+        return eps
+
+
+def _throughput_key(e: Endpoint) -> float:
+    tps = e.health.throughput()
+    return -(tps or 0.0)
+
+
+_SORT_KEYS: dict[str, Callable[[Endpoint], float]] = {
+    "price": Endpoint.unit_price,
+    "latency": lambda e: e.health.peak_ewma(),
+    "throughput": _throughput_key,
+}

@@ -62,15 +62,16 @@ class AiohttpResponse:
     async def chunks(self) -> AsyncIterator[bytes]:
         content = self._resp.content
         idle = self._target.timeouts.idle_s
-        loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(loop.time() + idle) as deadline:
-                while True:
+            while True:
+                # The timeout wraps only the read: a generator may be resumed from another task (an attempt
+                # commits in its own task, the handler relays the rest), and time spent by the consumer
+                # writing to a slow client is not upstream silence.
+                async with asyncio.timeout(idle):
                     data = await content.readany()
-                    if not data:
-                        break
-                    deadline.reschedule(loop.time() + idle)
-                    yield data
+                if not data:
+                    break
+                yield data
         except TimeoutError:
             raise UpstreamTimeout(f"upstream sent nothing for {idle:g}s mid-stream") from None
         except aiohttp.ClientError as e:

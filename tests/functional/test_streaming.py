@@ -40,7 +40,8 @@ async def test_relayed_stream_is_byte_identical_across_arbitrary_chunk_boundarie
 
 async def test_stream_chunks_reach_the_client_before_the_upstream_finishes(fake_upstream, gateway, http):
     release = asyncio.Event()
-    first, rest = STREAM[:40], STREAM[40:]
+    cut = STREAM.index(b"\n\n", STREAM.index(b"\n\n") + 2) + 2  # the role frame and the first token
+    first, rest = STREAM[:cut], STREAM[cut:]
     fake_upstream.script(Script(sse=[first, rest], hold=release))
     gw = await gateway(gateway_config({"fake": fake_upstream.base_url}))
     async with asyncio.timeout(5), http.post(gw.v1 + "/chat/completions", json=CHAT, headers=AUTH) as r:

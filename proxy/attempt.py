@@ -1,0 +1,219 @@
+"""One upstream attempt, run to its commit point: the moment its answer may be shown to the client.
+
+A non-streamed attempt commits with its whole body. A stream commits at its first *content* event (text,
+tool call, reasoning, refusal, a finish reason or `[DONE]`): role-only and keep-alive frames before it are
+held back, so a provider that errors or stalls early can still be failed over or out-hedged. The held bytes
+are relayed unchanged once committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import msgspec
+
+from health.monitor import Monitor
+from health.window import Outcome
+from proxy.errors import (
+    GatewayError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamStatus,
+    UpstreamTimeout,
+)
+from proxy.router import Endpoint
+from proxy.upstream import UpstreamClient, UpstreamResponse
+
+# Outcome of a failed attempt for the health window, by error kind (errors.py `kind`).
+OUTCOME_OF_KIND = {
+    "connect": Outcome.CONNECT,
+    "timeout": Outcome.TIMEOUT,
+    "protocol": Outcome.PROTOCOL,
+    "interrupted": Outcome.PROTOCOL,
+    "upstream": Outcome.SERVER_ERROR,
+}
+
+
+def outcome_of(err: BaseException) -> Outcome:
+    if isinstance(err, UpstreamStatus):
+        return Outcome.RATE_LIMITED if err.upstream_status == 429 else Outcome.SERVER_ERROR
+    if isinstance(err, GatewayError):
+        return OUTCOME_OF_KIND.get(err.kind, Outcome.SERVER_ERROR)
+    if isinstance(err, asyncio.CancelledError):
+        return Outcome.CANCELLED
+    return Outcome.PROTOCOL
+
+
+class Committed:
+    """A successful attempt, ready to be relayed. For streams, `prefix` holds the bytes already read."""
+
+    __slots__ = ("body", "chunks", "ctype", "ep", "prefix", "resp", "started", "status", "ttfb")
+
+    def __init__(self, ep: Endpoint, resp: UpstreamResponse, started: float) -> None:
+        self.ep = ep
+        self.resp = resp
+        self.status = resp.status
+        self.ctype: str = resp.headers.get("Content-Type", "application/json")
+        self.started = started
+        self.ttfb = 0.0
+        self.body: bytes | None = None  # non-stream: the whole body
+        self.prefix = b""  # stream: bytes read up to and including the first content event
+        self.chunks: AsyncIterator[bytes] | None = None  # stream: the rest
+
+
+class Relay(Exception):
+    """An upstream's client-fault answer (4xx): relayed as received, never failed over."""
+
+    def __init__(self, committed: Committed) -> None:
+        self.committed = committed
+
+
+class _Delta(msgspec.Struct, gc=False):
+    content: str | None = None
+    tool_calls: msgspec.Raw = msgspec.Raw()
+    reasoning: str | None = None
+    reasoning_content: str | None = None
+    refusal: str | None = None
+
+
+class _Choice(msgspec.Struct, gc=False):
+    delta: _Delta | None = None
+    finish_reason: str | None = None
+
+
+class _Chunk(msgspec.Struct, gc=False):
+    choices: list[_Choice] = []
+    error: msgspec.Raw = msgspec.Raw()
+
+
+_decode_chunk = msgspec.json.Decoder(_Chunk).decode
+
+_NOTHING, _CONTENT, _ERROR = 0, 1, 2
+
+
+def classify_event(event: bytes) -> int:
+    """Is this SSE event content (commit), an error (fail over), or nothing yet (role, comment, ping)?"""
+    for line in event.splitlines():
+        if not line.startswith(b"data:"):
+            continue  # comments (": keep-alive"), `event:`, `id:`, `retry:`
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
+            return _CONTENT
+        try:
+            chunk = _decode_chunk(payload)
+        except msgspec.DecodeError:
+            return _ERROR  # garbage before the first token: let another endpoint answer
+        if chunk.error:
+            return _ERROR
+        for c in chunk.choices:
+            d = c.delta
+            if c.finish_reason or (
+                d is not None and (d.content or d.tool_calls or d.reasoning or d.reasoning_content or d.refusal)
+            ):
+                return _CONTENT
+    return _NOTHING
+
+
+async def _first_content(resp: UpstreamResponse, committed: Committed) -> None:
+    """Read the stream until its first content event; keep what was read in `committed.prefix`."""
+    it = resp.chunks().__aiter__()
+    buf = bytearray()
+    scanned = 0
+    while True:
+        try:
+            data = await anext(it)
+        except StopAsyncIteration:
+            break  # ended before any content: relay what there is (the client sees the upstream's own end)
+        buf += data
+        while (end := buf.find(b"\n\n", scanned)) != -1:
+            verdict = classify_event(bytes(buf[scanned:end]))
+            scanned = end + 2
+            if verdict == _CONTENT:
+                committed.prefix = bytes(buf)
+                committed.chunks = it
+                return
+            if verdict == _ERROR:
+                raise UpstreamProtocolError(
+                    f"upstream {committed.ep.provider} sent an error before the first token: "
+                    f"{bytes(buf[:200]).decode(errors='replace')}",
+                    upstream=committed.ep.provider,
+                )
+    committed.prefix = bytes(buf)
+    committed.chunks = it
+
+
+async def run_attempt(
+    client: UpstreamClient,
+    monitor: Monitor,
+    ep: Endpoint,
+    kind: str,
+    body: bytes,
+    public_model: str,
+    strip: bool,
+    stream: bool,
+    deadline: float,
+    max_response_bytes: int,
+) -> Committed:
+    """Send one attempt and run it to its commit point, recording its start in the endpoint's health.
+
+    Raises an UpstreamError on failure (after recording it), Relay for a client-fault answer. On success the
+    caller owns the response and records the outcome in the monitor once the relay is over.
+    """
+    target = ep.adapter.target(kind)
+    assert target is not None
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    ep.health.start()
+    resp: UpstreamResponse | None = None
+    try:
+        async with asyncio.timeout_at(deadline):
+            resp = await client.send(target, ep.adapter.request_body(body, public_model, ep.model, strip))
+            committed = Committed(ep, resp, started)
+            if resp.status >= 300:
+                data = await resp.read(max_response_bytes)
+                failure = ep.adapter.classify(resp.status, data, resp.headers)
+                if failure is not None:
+                    raise failure
+                committed.body = data
+                committed.ttfb = loop.time() - started
+                raise Relay(committed)
+            if stream and committed.ctype.startswith("text/event-stream"):
+                first_token = min(deadline, started + target.timeouts.first_token_s)
+                try:
+                    async with asyncio.timeout_at(first_token):
+                        await _first_content(resp, committed)
+                except TimeoutError:
+                    if loop.time() >= deadline:
+                        raise
+                    raise UpstreamTimeout(
+                        f"upstream {ep.provider} sent no first token within {target.timeouts.first_token_s:g}s",
+                        upstream=ep.provider,
+                    ) from None
+            else:
+                committed.body = await resp.read(max_response_bytes)
+            committed.ttfb = loop.time() - started
+            return committed
+    except Relay as r:
+        monitor.record(ep, Outcome.CLIENT_ERROR, r.committed.ttfb, loop.time() - started)
+        raise
+    except (UpstreamError, TimeoutError) as e:
+        if resp is not None:
+            resp.release()
+        err = (
+            e
+            if isinstance(e, UpstreamError)
+            else UpstreamTimeout(
+                f"upstream {ep.provider} exceeded the total time of {target.timeouts.total_s:g}s", upstream=ep.provider
+            )
+        )
+        if err.upstream is None:
+            err.upstream = ep.provider
+        retry_after = err.upstream_headers.get("Retry-After") if isinstance(err, UpstreamStatus) else None
+        monitor.record(ep, outcome_of(err), None, loop.time() - started, retry_after=retry_after)
+        raise err from None
+    except BaseException:  # cancelled: a hedge lost, or the client left
+        if resp is not None:
+            resp.release()
+        monitor.record(ep, Outcome.CANCELLED, None, loop.time() - started)
+        raise
