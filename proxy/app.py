@@ -13,6 +13,7 @@ from aiohttp import web
 from health.monitor import Monitor
 from health.probes import expire_loop, probe_provider
 from proxy.accounting.keys import KeyRing
+from proxy.cache import ResponseCache
 from proxy.config import BUILTIN_DEMO, Config
 from proxy.demo import start_demo
 from proxy.forward import Forwarder
@@ -44,7 +45,12 @@ def build_app(cfg: Config) -> web.Application:
         monitor = Monitor(groups, cfg.routing.ejection, clock)
         rng = random.Random()
         router = Router(table, monitor, rng)
-        gw.attach(Forwarder(router, monitor, client, cfg.routing, cfg.server.max_response_bytes, clock))
+        cache = ResponseCache(cfg.cache)  # memory: cheap until used; per-request opt-in needs it anyway
+        gw.attach(
+            Forwarder(
+                router, monitor, client, cfg.routing, cfg.server.max_response_bytes, clock, cache, cfg.cache.enabled
+            )
+        )
         background = [asyncio.create_task(expire_loop(monitor))]
         for p in cfg.providers:
             eps = sorted(
@@ -62,6 +68,7 @@ def build_app(cfg: Config) -> web.Application:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await client.close()
+            await cache.close()
             if demo_runner is not None:
                 await demo_runner.cleanup()
 

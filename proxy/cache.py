@@ -45,7 +45,7 @@ _COOLDOWN_S = 2.0  # after a backend failure, skip it this long: an outage costs
 
 
 class CacheConfig(Base):
-    enabled: bool = False  # opt-in; read by the caller, per model, and per request through Cache-Control
+    enabled: bool = False  # cache every model; else only models with `cache: true` or requests asking for it
     backend: Literal["memory", "redis"] = "memory"  # memory: one per worker process; redis: shared by all nodes
     redis_url: str | None = None  # redis://[user:password@]host[:port][/db], or rediss:// for TLS
     ttl_s: PositiveFloat = 300.0  # an entry lives this long after it was stored

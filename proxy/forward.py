@@ -18,8 +18,10 @@ from aiohttp import web
 
 from health.monitor import Monitor
 from health.window import Outcome
+from proxy.affinity import PrefixAffinity, prefix_key
 from proxy.attempt import Committed, Relay, run_attempt
 from proxy.budget import Budget
+from proxy.cache import BYPASS, CACHE_HEADER, HIT, MISS, ResponseCache, cache_control, cache_key, replay_chunks
 from proxy.config import RoutingConfig
 from proxy.errors import (
     BadRequest,
@@ -41,6 +43,7 @@ ENDPOINT_HEADER = "X-Hedgerow-Endpoint"
 ATTEMPTS_HEADER = "X-Hedgerow-Attempts"
 HEDGED_HEADER = "X-Hedgerow-Hedged"  # "won": a hedge attempt served; "lost": the first attempt won a race
 HEDGE_REQUEST_HEADER = "X-Hedgerow-Hedge"  # per request: "off", or a fixed delay in seconds
+CACHE_REQUEST_HEADER = "X-Hedgerow-Cache"  # per request: "on" or "off", over the model's `cache` setting
 
 
 class Attempts:
@@ -58,7 +61,19 @@ class Attempts:
 class Forwarder:
     """Per-process forwarding state: router, monitor, pooled client, budgets."""
 
-    __slots__ = ("_hedge_budgets", "client", "clock", "config", "max_response_bytes", "monitor", "retries", "router")
+    __slots__ = (
+        "_hedge_budgets",
+        "affinity",
+        "cache",
+        "cache_all",
+        "client",
+        "clock",
+        "config",
+        "max_response_bytes",
+        "monitor",
+        "retries",
+        "router",
+    )
 
     def __init__(
         self,
@@ -68,8 +83,13 @@ class Forwarder:
         config: RoutingConfig,
         max_response_bytes: int,
         clock: Callable[[], float],
+        cache: ResponseCache | None = None,
+        cache_all: bool = False,
     ) -> None:
         self.router = router
+        self.cache = cache  # None: no model caches and the backend was never built
+        self.cache_all = cache_all  # cache every model, not only those with `cache: true`
+        self.affinity = PrefixAffinity(config.affinity, clock) if config.affinity.enabled else None
         self.monitor = monitor
         self.client = client
         self.config = config
@@ -83,15 +103,31 @@ class Forwarder:
         return self.router.table
 
     async def forward(
-        self, request: web.Request, kind: str, view: _View, body: bytes, gen_id: str
+        self, request: web.Request, kind: str, view: _View, body: bytes, gen_id: str, key_name: str
     ) -> web.StreamResponse:
         route, plan = self.router.plan(view.model, provider_prefs(view.provider), fallback_models(view.models))
         plan = [ep for ep in plan if ep.adapter.target(kind) is not None]
         if not plan:
             raise BadRequest(f"model `{view.model}` does not support this endpoint", param="model")
+        headers = {GENERATION_HEADER: gen_id}
+        store_key = None
+        if self.cache is not None and self._wants_cache(route, request.headers):
+            lookup, store = cache_control(request.headers.get("Cache-Control"))
+            ckey = cache_key(kind, route.name, body, view.stream, scope=key_name)
+            headers[CACHE_HEADER] = BYPASS if ckey is None or not (lookup or store) else MISS
+            if ckey is not None and lookup:
+                hit = await self.cache.get(ckey)
+                if hit is not None:
+                    return await _replay(request, hit, view.stream, headers)
+            if ckey is not None and store:
+                store_key = ckey
+        affinity_key = None
+        if self.affinity is not None and kind == "chat" and len(plan) > 1:
+            affinity_key = prefix_key(body, self.config.affinity.prefix_bytes)
+            if affinity_key is not None:
+                _stick(plan, self.affinity.get(route.name, affinity_key))
         self.retries.deposit()
         hedge_delay = self._hedge_delay(route, plan, request.headers)
-        headers = {GENERATION_HEADER: gen_id}
         run = Attempts()
         try:
             if hedge_delay is None and not view.stream:
@@ -109,6 +145,8 @@ class Forwarder:
             raise
         c = run.committed
         assert c is not None
+        if affinity_key is not None and self.affinity is not None:
+            self.affinity.put(route.name, affinity_key, c.ep.key)
         headers[PROVIDER_HEADER] = c.ep.provider
         headers[ENDPOINT_HEADER] = c.ep.key
         headers[ATTEMPTS_HEADER] = str(run.attempts)
@@ -117,25 +155,41 @@ class Forwarder:
         if c.body is not None:
             self.monitor.record(c.ep, Outcome.OK, c.ttfb, self.clock() - c.started)
             headers["Content-Type"] = c.ctype
+            if store_key is not None and c.status == 200 and not view.stream:
+                self._store(store_key, c.body)
             if run.down is not None:  # stream requested, upstream answered JSON, keep-alives already sent
                 await run.down.write(c.body)
                 return run.down
             return web.Response(body=c.body, status=c.status, headers=headers)
-        return await self._relay_stream(request, run, c, headers)
+        return await self._relay_stream(request, run, c, headers, store_key)
+
+    def _wants_cache(self, route: ModelRoute, headers: Mapping[str, str]) -> bool:
+        asked = headers.get(CACHE_REQUEST_HEADER)
+        if asked is not None:
+            return asked.lower() == "on"
+        return route.cache or self.cache_all
+
+    def _store(self, key: str, value: bytes) -> None:
+        """Store off the request path: the response is not held up by the cache backend."""
+        assert self.cache is not None
+        asyncio.get_running_loop().create_task(self.cache.put(key, value))
 
     async def _relay_stream(
-        self, request: web.Request, run: Attempts, c: Committed, headers: dict[str, str]
+        self, request: web.Request, run: Attempts, c: Committed, headers: dict[str, str], store_key: str | None
     ) -> web.StreamResponse:
         assert c.chunks is not None
         outcome, tokens = Outcome.CANCELLED, 0
         target = c.ep.adapter.target("chat")
         deadline = c.started + (target.timeouts.total_s if target else 900.0)
+        collect: list[bytes] | None = [] if store_key is not None else None
         try:
             down = run.down
             if down is None:
                 headers.update(SSE_HEADERS)
                 down = await prepare(request, c.status, headers)
-            outcome, tokens = await pipe(down, c.prefix, c.chunks, deadline)
+            outcome, tokens = await pipe(down, c.prefix, c.chunks, deadline, collect)
+            if collect is not None and store_key is not None and outcome == Outcome.OK:
+                self._store(store_key, b"".join(collect))
             return down
         finally:
             c.resp.release()  # no-op after a clean end; closes the upstream connection otherwise
@@ -266,6 +320,35 @@ class Forwarder:
         target = ep.adapter.target(kind)
         assert target is not None
         return self.clock() + target.timeouts.total_s
+
+
+def _stick(plan: list[Endpoint], key: str | None) -> None:
+    """Move the endpoint that served this prompt prefix last to the front, so its prompt cache keeps
+    hitting (a cached prefix is cheaper and faster to first token than any load-balancing win) — unless it
+    is far busier than the load balancer's choice: a popular prefix must not pile onto one endpoint."""
+    if key is None or plan[0].key == key:
+        return
+    for i, ep in enumerate(plan):
+        if ep.key == key:
+            if ep.health.in_flight <= _AFFINITY_MAX_LOAD * (plan[0].health.in_flight + 1):
+                plan.insert(0, plan.pop(i))
+            return
+
+
+_AFFINITY_MAX_LOAD = 4  # in-flight ratio beyond which queueing costs more than the prompt cache saves
+
+
+async def _replay(request: web.Request, stored: bytes, stream: bool, headers: dict[str, str]) -> web.StreamResponse:
+    """A cache hit: the stored bytes, as JSON or replayed event by event as SSE. No upstream, no cost."""
+    headers[CACHE_HEADER] = HIT
+    if not stream:
+        headers["Content-Type"] = "application/json"
+        return web.Response(body=stored, headers=headers)
+    headers.update(SSE_HEADERS)
+    down = await prepare(request, 200, headers)
+    for event in replay_chunks(stored):
+        await down.write(event)
+    return down
 
 
 def _relay(c: Committed, headers: dict[str, str]) -> web.Response:

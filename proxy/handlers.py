@@ -73,10 +73,10 @@ class Gateway:
             raise RequestTimeout(f"request body not received within {self.body_timeout_s:g}s") from None
 
     async def _proxy(self, request: web.Request, kind: str) -> web.StreamResponse:
-        self.keys.check(request.headers.get("Authorization"))
+        key_name = self.keys.check(request.headers.get("Authorization"))
         body = await self.read_body(request)
         view = decode_view(kind, body)
-        return await self.forwarder.forward(request, kind, view, body, next(self._ids))
+        return await self.forwarder.forward(request, kind, view, body, next(self._ids), key_name)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._proxy(request, "chat")

@@ -31,12 +31,17 @@ async def prepare(request: web.Request, status: int, headers: dict[str, str]) ->
 
 
 async def pipe(
-    down: web.StreamResponse, prefix: bytes, chunks: AsyncIterator[bytes], deadline: float
+    down: web.StreamResponse,
+    prefix: bytes,
+    chunks: AsyncIterator[bytes],
+    deadline: float,
+    collect: list[bytes] | None = None,
 ) -> tuple[Outcome, int]:
     """Write `prefix`, then the rest of the stream, until it ends, fails, or the deadline passes.
 
     Returns the outcome for the endpoint's health and the completion tokens the stream reported (0 if none).
-    Client disconnects propagate (the caller releases the upstream and records a cancellation).
+    Client disconnects propagate (the caller releases the upstream and records a cancellation). With
+    `collect`, every relayed chunk is also appended to it (for the response cache; off otherwise).
     """
     prev, last = b"", prefix  # the last two chunks hold the usage event; no copy per chunk
     outcome = Outcome.OK
@@ -44,9 +49,13 @@ async def pipe(
         async with asyncio.timeout_at(deadline):
             if prefix:
                 await down.write(prefix)
+                if collect is not None:
+                    collect.append(prefix)
             async for data in chunks:
                 await down.write(data)
                 prev, last = last, data
+                if collect is not None:
+                    collect.append(data)
     except TimeoutError as e:
         err = e if isinstance(e, GatewayError) else UpstreamTimeout("stream exceeded its total time")
         outcome = Outcome.TIMEOUT
