@@ -33,10 +33,7 @@ def sse_events(raw: bytes) -> list[bytes]:
 
 
 def _response(body: bytes, content_type: bytes = b"application/json", status: bytes = b"200 OK") -> bytes:
-    return (
-        b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s"
-        % (status, content_type, len(body), body)
-    )
+    return b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s" % (status, content_type, len(body), body)
 
 
 class Routes:
@@ -126,13 +123,15 @@ class FakeOpenAI(asyncio.Protocol):
             await previous
         transport = self._transport
         assert transport is not None
+        head, *chunks = parts  # for a stream: one chunk per event, then the terminating chunk
         await asyncio.sleep(self._ttft_s)
         # The head goes out with the first event: a provider answers once its first token exists.
-        transport.write(parts[0] + (parts[1] if len(parts) > 1 else b""))
-        for part in parts[2:]:
-            if self._gap_s:
-                await asyncio.sleep(self._gap_s)
-            transport.write(part)
+        transport.write(head + chunks[0] if chunks else head)
+        for chunk in chunks[1:-1]:
+            await asyncio.sleep(self._gap_s)
+            transport.write(chunk)
+        if len(chunks) > 1:
+            transport.write(chunks[-1])  # the stream ends right after its last event
         if not keep_alive:
             transport.close()
         if self._tail is asyncio.current_task():

@@ -1,0 +1,40 @@
+"""Command line: `python -m benchmarks [scenario] [--quick] [--rate 200] [--duration S] [--rounds N] [--json FILE]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from benchmarks.scenarios import SCENARIOS, Options
+
+
+def main(argv: list[str] | None = None) -> int:
+    listing = "\n".join(f"  {name:<10} " + s.summary.replace("\n", "\n" + " " * 13) for name, s in SCENARIOS.items())
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Hedgerow benchmarks, on loopback, each component in its own process.",
+        epilog=f"scenarios:\n{listing}\n\nSee benchmarks/README.md for how to read the figures.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("scenario", nargs="?", default="overhead", choices=SCENARIOS, help="default: overhead")
+    parser.add_argument("--quick", action="store_true", help="smoke run for CI: one short round, a few seconds")
+    parser.add_argument("--rate", type=float, default=200.0, help="open-loop arrival rate, req/s (default 200)")
+    parser.add_argument("--duration", type=float, help="seconds per load run (default 3, or 0.4 with --quick)")
+    parser.add_argument("--rounds", type=int, help="rounds to take medians over (default 5, or 1 with --quick)")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write every figure to FILE as JSON")
+    args = parser.parse_args(argv)
+    if (
+        args.rate <= 0
+        or (args.duration is not None and args.duration <= 0)
+        or (args.rounds is not None and args.rounds < 1)
+    ):
+        parser.error("--rate and --duration must be > 0, --rounds ≥ 1")
+    options = Options(
+        quick=args.quick, rate=args.rate, duration_s=args.duration, rounds=args.rounds, json_path=args.json
+    )
+    return SCENARIOS[args.scenario].run(options)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

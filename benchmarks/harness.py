@@ -1,0 +1,210 @@
+"""The harness under every scenario: ports, CPU pinning, server processes, load-generator runs, host facts.
+
+Each server runs in a process group of its own, so `stop()` ends exactly what was started (workers a
+gateway forks included) and CPU time can be summed over the group, to tell which process was the bottleneck.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+ROOT = Path(__file__).resolve().parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class ServiceError(RuntimeError):
+    """A server did not start, or the load generator failed."""
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports (all held open while choosing, so none repeats)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def child_env() -> dict[str, str]:
+    # Loopback only: an inherited HTTP proxy setting must not reroute any child's traffic.
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    return env
+
+
+@dataclass(frozen=True)
+class CpuPlan:
+    """The proxy under test gets a core to itself; the load generator, the fake upstream and this
+    orchestrator share the rest. Bare and gateway get the same core, so the comparison is fair."""
+
+    load: frozenset[int] | None
+    proxy: frozenset[int] | None
+
+    def describe(self) -> str:
+        if self.load is None or self.proxy is None:
+            return "no pinning (fewer than 2 CPUs available)"
+        return (
+            f"proxy under test on CPU {_cpus(self.proxy)}; "
+            f"load generator, fake upstream and orchestrator on CPU {_cpus(self.load)}"
+        )
+
+
+def _cpus(cpus: frozenset[int]) -> str:
+    return ",".join(map(str, sorted(cpus)))
+
+
+def cpu_plan() -> CpuPlan:
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return CpuPlan(None, None)
+    return CpuPlan(load=frozenset(cpus[:-1]), proxy=frozenset(cpus[-1:]))
+
+
+def _pinner(cpus: frozenset[int] | None) -> Callable[[], None] | None:
+    # Pinned before exec, so every thread and forked worker inherits it from the start.
+    return None if cpus is None else lambda: os.sched_setaffinity(0, cpus)
+
+
+def http_ok(port: int, path: str) -> Callable[[], bool]:
+    """A readiness probe: GET 127.0.0.1:port/path answers 200 (http.client ignores proxy env vars)."""
+
+    def probe() -> bool:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+        try:
+            conn.request("GET", path)
+            return conn.getresponse().status == 200
+        except (OSError, http.client.HTTPException):
+            return False
+        finally:
+            conn.close()
+
+    return probe
+
+
+class Service:
+    """A server process `sys.executable <args>`, run from the repo root with output to `log_dir/<name>.log`."""
+
+    def __init__(self, name: str, args: list[str], cpus: frozenset[int] | None, log_dir: Path) -> None:
+        self.name = name
+        self._log_path = log_dir / f"{name}.log"
+        self._log: IO[bytes] = self._log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, *args],
+            cwd=ROOT,
+            env=child_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_pinner(cpus),
+        )
+
+    def wait_ready(self, probe: Callable[[], bool], timeout_s: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServiceError(f"{self.name} exited with status {self.proc.returncode}:\n{self.log_tail()}")
+            if probe():
+                return
+            time.sleep(0.05)
+        raise ServiceError(f"{self.name} not ready after {timeout_s:g}s:\n{self.log_tail()}")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU of every live process in this service's session."""
+        ticks = 0
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rfind(")") + 2 :].split()  # fields[0] is stat(5) field 3, "state"
+            if int(fields[3]) == self.proc.pid:  # field 6: session id
+                ticks += int(fields[11]) + int(fields[12])  # fields 14, 15: utime, stime
+        return ticks / CLK_TCK
+
+    def log_tail(self, lines: int = 25) -> str:
+        self._log.flush()
+        return "\n".join(self._log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        self._signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        self._signal(signal.SIGKILL)  # whatever of the group is left, stray workers included
+        self.proc.wait(timeout=5)
+        self._log.close()
+
+    def _signal(self, sig: signal.Signals) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def cpu_ticks(cpus: frozenset[int]) -> tuple[int, int]:
+    """(busy, total) clock ticks of these CPUs since boot, from /proc/stat. Steal counts as busy: time the
+    hypervisor gave to someone else is interference just like another process."""
+    busy = total = 0
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *values = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            user, nice, system, idle, iowait, irq, softirq, steal = map(int, values[:8])
+            busy += user + nice + system + irq + softirq + steal
+            total += user + nice + system + idle + iowait + irq + softirq + steal
+    return busy, total
+
+
+def run_load(args: list[str], cpus: frozenset[int] | None, timeout_s: float) -> dict[str, Any]:
+    """One `python -m benchmarks.load` run in a fresh, pinned process; its JSON result."""
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "benchmarks.load", *args],
+            cwd=ROOT,
+            env=child_env(),
+            capture_output=True,
+            timeout=timeout_s,
+            preexec_fn=_pinner(cpus),
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise ServiceError(f"load generator still running after {timeout_s:g}s; killed") from None
+    if out.returncode != 0:
+        raise ServiceError(f"load generator failed ({out.returncode}): {out.stderr.decode(errors='replace')[-2000:]}")
+    return json.loads(out.stdout)
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
