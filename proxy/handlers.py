@@ -120,6 +120,10 @@ async def error_middleware(request: web.Request, handler: web.Handler) -> web.St
     try:
         return await handler(request)
     except GatewayError as e:
+        if isinstance(e, RequestTimeout):  # a 413 lingers: a client still writing must get to read it
+            no_linger = getattr(request.protocol, "no_linger", None)  # the production connection handler
+            if no_linger is not None:
+                no_linger()
         return render(e)
     except web.HTTPException as e:  # aiohttp's own: unknown route, wrong method, body too large
         if e.status == 404:

@@ -59,14 +59,10 @@ class _HeadDeadlineHandler(RequestHandler):
             self.transport.write(_HEAD_TIMEOUT_RESPONSE)
             self.force_close()
 
-    async def finish_response(
-        self, request: Any, resp: web.StreamResponse, start_time: float | None
-    ) -> tuple[web.StreamResponse, bool]:
-        if resp.status == RequestTimeout.status:
-            # The client stalled mid-body: close right after the 408 instead of lingering (up to 10s) for
-            # body bytes it is not sending; lingering would hand a slowloris client the time we just cut.
-            self._lingering_time = 0.0
-        return await super().finish_response(request, resp, start_time)
+    def no_linger(self) -> None:
+        """After a 408 the client stalled: close right after the answer instead of lingering
+        (up to 10 s) for body bytes; lingering would hand a slowloris client the time we just cut."""
+        self._lingering_time = 0.0
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._head_timer is not None:
