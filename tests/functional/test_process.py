@@ -147,7 +147,7 @@ async def test_workers_share_the_port_and_all_drain(fake_upstream, http, tmp_pat
     proc, port = await _spawn("serve", "--config", _config_file(tmp_path, fake_upstream.base_url), "--workers", "2")
     try:
         async with asyncio.timeout(20):
-            while len(_children(proc.pid)) < 2:  # noqa: ASYNC110 - polling /proc: the second worker may still be starting
+            while len(_children(proc.pid)) < 2:  # polling /proc: the second worker may still be starting
                 await asyncio.sleep(0.05)
             for _ in range(20):
                 async with http.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT, headers=AUTH) as r:
