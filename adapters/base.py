@@ -1,13 +1,19 @@
-"""What every adapter provides: one wire format's request building and error classification.
+"""What every adapter provides: one wire format's request building, response translation and error
+classification.
 
 An adapter is built once per provider at startup; everything static (URLs, auth headers) is prebuilt into
-`Target`s, so per request it only decides the body bytes and how to read the answer.
+`Target`s, so per request it only decides the body bytes and how to read the answer. Passthrough adapters
+(the OpenAI family) hand bytes through untouched; the others translate bodies with `parse_response` and
+streams with a per-stream `Transcoder`, whose output is OpenAI-shaped SSE, so everything downstream (commit
+point, relay, usage) is the same for every provider.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import ClassVar, Protocol
+
+import msgspec
 
 from proxy.config import ProviderConfig
 from proxy.errors import UpstreamStatus
@@ -17,8 +23,20 @@ from proxy.upstream import Target
 KINDS = ("chat", "completions", "embeddings", "models")
 
 # Statuses that mean "try elsewhere": the request may succeed on another endpoint. Other 4xx are the
-# client's fault and are relayed as the upstream sent them.
+# client's fault and are relayed as the upstream sent them. 529: Anthropic's "overloaded".
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+
+
+class Transcoder(Protocol):
+    """Per-stream state: provider stream bytes in (cut anywhere), framed OpenAI SSE chunks out."""
+
+    def feed(self, data: bytes) -> bytes:
+        """OpenAI `data: …\\n\\n` events for this piece of the provider's stream (b"" when none yet)."""
+        ...
+
+    def finish(self) -> bytes:
+        """What ends the stream: any last chunks (usage) and `data: [DONE]\\n\\n`."""
+        ...
 
 
 class Adapter(Protocol):
@@ -27,14 +45,46 @@ class Adapter(Protocol):
 
     def __init__(self, provider: ProviderConfig, base_url: str) -> None: ...
 
-    def target(self, kind: str) -> Target | None:
-        """The prebuilt target for a request kind, or None if this wire format has no such endpoint."""
+    def target(self, kind: str, model: str, stream: bool) -> Target | None:
+        """The prebuilt target for a request kind and upstream model, or None if the wire format has no such
+        endpoint (some put the model or the stream flag in the URL)."""
         ...
 
-    def request_body(self, body: bytes, public_model: str, upstream_model: str, rewrite: bool) -> bytes:
-        """Bytes to send upstream. `rewrite` says the client body has gateway-only fields to drop."""
+    def request_body(self, body: bytes, public_model: str, upstream_model: str, strip: bool) -> bytes:
+        """Bytes to send upstream for an OpenAI-shaped client body. `strip`: it has gateway-only fields."""
+        ...
+
+    def parse_response(self, body: bytes, model: str) -> bytes:
+        """A provider's non-streamed success body as an OpenAI JSON body (identity for passthrough)."""
+        ...
+
+    def new_transcoder(self, model: str) -> Transcoder | None:
+        """Per-stream translator, or None: the stream is OpenAI SSE already and passes through."""
         ...
 
     def classify(self, status: int, body: bytes, headers: Mapping[str, str]) -> UpstreamStatus | None:
         """For a non-2xx answer: an UpstreamStatus to fail over on, or None to relay it to the client."""
         ...
+
+
+async def transcoded(chunks: AsyncIterator[bytes], tx: Transcoder) -> AsyncIterator[bytes]:
+    """The provider's stream as OpenAI SSE; pieces that yield no OpenAI event are skipped, not sent empty."""
+    async for data in chunks:
+        out = tx.feed(data)
+        if out:
+            yield out
+    yield tx.finish()
+
+
+_enc = msgspec.json.Encoder()
+
+
+def sse(obj: object) -> bytes:
+    """One framed SSE event, encoded straight into the frame (no intermediate copy)."""
+    buf = bytearray(b"data: ")
+    _enc.encode_into(obj, buf, -1)
+    buf += b"\n\n"
+    return bytes(buf)
+
+
+DONE = b"data: [DONE]\n\n"

@@ -47,13 +47,19 @@ class OpenAIAdapter:
             for kind, path in _PATHS.items()
         }
 
-    def target(self, kind: str) -> Target | None:
-        return self._targets.get(kind)
+    def target(self, kind: str, model: str = "", stream: bool = False) -> Target | None:
+        return self._targets.get(kind)  # the model travels in the body, the stream flag too
 
-    def request_body(self, body: bytes, public_model: str, upstream_model: str, rewrite_body: bool) -> bytes:
-        if not rewrite_body and public_model == upstream_model:
+    def request_body(self, body: bytes, public_model: str, upstream_model: str, strip: bool) -> bytes:
+        if not strip and public_model == upstream_model:
             return body  # zero-copy: the client's bytes go upstream unchanged
-        return rewrite(body, upstream_model, rewrite_body)
+        return rewrite(body, upstream_model, strip)
+
+    def parse_response(self, body: bytes, model: str) -> bytes:
+        return body
+
+    def new_transcoder(self, model: str) -> None:
+        return None
 
     def classify(self, status: int, body: bytes, headers: Mapping[str, str]) -> UpstreamStatus | None:
         if status in RETRYABLE_STATUSES:

@@ -29,12 +29,13 @@ _PROBE_BODY_LIMIT = 1 << 20  # a model list is small; a larger answer is read an
 
 async def _probe_once(client: UpstreamClient, ep: Endpoint, kind: str) -> tuple[Outcome, float]:
     loop = asyncio.get_running_loop()
-    target = ep.adapter.target("models" if kind == "models" else "chat")
+    target = ep.adapter.target("models" if kind == "models" else "chat", ep.model, False)
     if target is None:
         return Outcome.OK, 0.0
     body = b""
-    if kind == "chat":  # one token, no stream: the cheapest real completion
-        body = orjson.dumps({"model": ep.model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1})
+    if kind == "chat":  # one token, no stream: the cheapest real completion, in the provider's own format
+        ping = orjson.dumps({"model": ep.model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1})
+        body = ep.adapter.request_body(ping, ep.model, ep.model, False)
     started = loop.time()
     try:
         resp = await client.send(target, body)

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 import msgspec
 
+from adapters.base import Adapter, transcoded
 from health.monitor import Monitor
 from health.window import Outcome
 from proxy.errors import (
@@ -115,9 +116,24 @@ def classify_event(event: bytes) -> int:
     return _NOTHING
 
 
-async def _first_content(resp: UpstreamResponse, committed: Committed) -> None:
+def _is_stream(ctype: str) -> bool:
+    # text/event-stream for SSE; AWS's binary event stream for Bedrock's ConverseStream
+    return ctype.startswith(("text/event-stream", "application/vnd.amazon.eventstream"))
+
+
+def _parse(adapter: Adapter, data: bytes, ep: Endpoint) -> bytes:
+    try:
+        return adapter.parse_response(data, ep.model)
+    except (msgspec.MsgspecError, ValueError, KeyError, TypeError) as e:
+        raise UpstreamProtocolError(
+            f"upstream {ep.provider} sent a body its adapter cannot read ({type(e).__name__}: {e})",
+            upstream=ep.provider,
+        ) from None
+
+
+async def _first_content(chunks: AsyncIterator[bytes], committed: Committed) -> None:
     """Read the stream until its first content event; keep what was read in `committed.prefix`."""
-    it = resp.chunks().__aiter__()
+    it = chunks.__aiter__()
     buf = bytearray()
     scanned = 0
     while True:
@@ -160,7 +176,8 @@ async def run_attempt(
     Raises an UpstreamError on failure (after recording it), Relay for a client-fault answer. On success the
     caller owns the response and records the outcome in the monitor once the relay is over.
     """
-    target = ep.adapter.target(kind)
+    adapter = ep.adapter
+    target = adapter.target(kind, ep.model, stream)
     assert target is not None
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -168,21 +185,27 @@ async def run_attempt(
     resp: UpstreamResponse | None = None
     try:
         async with asyncio.timeout_at(deadline):
-            resp = await client.send(target, ep.adapter.request_body(body, public_model, ep.model, strip))
+            resp = await client.send(target, adapter.request_body(body, public_model, ep.model, strip))
             committed = Committed(ep, resp, started)
             if resp.status >= 300:
                 data = await resp.read(max_response_bytes)
-                failure = ep.adapter.classify(resp.status, data, resp.headers)
+                failure = adapter.classify(resp.status, data, resp.headers)
                 if failure is not None:
                     raise failure
                 committed.body = data
                 committed.ttfb = loop.time() - started
                 raise Relay(committed)
-            if stream and committed.ctype.startswith("text/event-stream"):
+            if stream and _is_stream(committed.ctype):
                 first_token = min(deadline, started + target.timeouts.first_token_s)
+                chunks = resp.chunks()
+                if not adapter.passthrough:
+                    tx = adapter.new_transcoder(ep.model)
+                    if tx is not None:
+                        chunks = transcoded(chunks, tx)
+                        committed.ctype = "text/event-stream"
                 try:
                     async with asyncio.timeout_at(first_token):
-                        await _first_content(resp, committed)
+                        await _first_content(chunks, committed)
                 except TimeoutError:
                     if loop.time() >= deadline:
                         raise
@@ -191,7 +214,10 @@ async def run_attempt(
                         upstream=ep.provider,
                     ) from None
             else:
-                committed.body = await resp.read(max_response_bytes)
+                data = await resp.read(max_response_bytes)
+                committed.body = data if adapter.passthrough else _parse(adapter, data, ep)
+                if not adapter.passthrough:
+                    committed.ctype = "application/json"
             committed.ttfb = loop.time() - started
             return committed
     except Relay as r:

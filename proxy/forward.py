@@ -106,7 +106,7 @@ class Forwarder:
         self, request: web.Request, kind: str, view: _View, body: bytes, gen_id: str, key_name: str
     ) -> web.StreamResponse:
         route, plan = self.router.plan(view.model, provider_prefs(view.provider), fallback_models(view.models))
-        plan = [ep for ep in plan if ep.adapter.target(kind) is not None]
+        plan = [ep for ep in plan if ep.adapter.target(kind, ep.model, view.stream) is not None]
         if not plan:
             raise BadRequest(f"model `{view.model}` does not support this endpoint", param="model")
         headers = {GENERATION_HEADER: gen_id}
@@ -128,6 +128,8 @@ class Forwarder:
                 _stick(plan, self.affinity.get(route.name, affinity_key))
         self.retries.deposit()
         hedge_delay = self._hedge_delay(route, plan, request.headers)
+        if hedge_delay is not None:
+            self._hedge_budget(route).deposit()  # the budget is a share of the requests that could hedge
         run = Attempts()
         try:
             if hedge_delay is None and not view.stream:
@@ -179,7 +181,7 @@ class Forwarder:
     ) -> web.StreamResponse:
         assert c.chunks is not None
         outcome, tokens = Outcome.CANCELLED, 0
-        target = c.ep.adapter.target("chat")
+        target = c.ep.adapter.target("chat", c.ep.model, True)
         deadline = c.started + (target.timeouts.total_s if target else 900.0)
         collect: list[bytes] | None = [] if store_key is not None else None
         try:
@@ -317,7 +319,7 @@ class Forwarder:
         raise _final_error(last, run.attempts, len(plan))
 
     def _deadline(self, ep: Endpoint, kind: str) -> float:
-        target = ep.adapter.target(kind)
+        target = ep.adapter.target(kind, ep.model, False)
         assert target is not None
         return self.clock() + target.timeouts.total_s
 

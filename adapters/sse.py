@@ -1,0 +1,61 @@
+"""Incremental SSE framing: events out of a byte stream cut at arbitrary boundaries.
+
+An event ends at a blank line. Providers use `\\n\\n`; the spec also allows `\\r\\n\\r\\n` (and bare `\\r`,
+which no LLM provider sends, so it is not handled). A boundary can fall anywhere, even between the two
+newlines, so the splitter keeps the unfinished tail and searches only the bytes it has not searched yet.
+"""
+
+from __future__ import annotations
+
+
+class SseSplitter:
+    __slots__ = ("_buf", "_scanned")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._scanned = 0  # bytes of _buf already searched for an event end (minus 3 for a split `\r\n\r\n`)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Complete events (without their blank-line terminator) found so far."""
+        buf = self._buf
+        buf += data
+        events: list[bytes] = []
+        start = 0
+        pos = max(self._scanned - 3, 0)
+        while True:
+            lf = buf.find(b"\n\n", pos)
+            crlf = buf.find(b"\r\n\r\n", pos)
+            if lf == -1 and crlf == -1:
+                break
+            if crlf != -1 and (lf == -1 or crlf < lf):
+                end, after = crlf, crlf + 4
+            else:
+                end, after = lf, lf + 2
+            events.append(bytes(buf[start:end]))
+            start = pos = after
+        if start:
+            del buf[:start]
+        self._scanned = len(buf)
+        return events
+
+    def flush(self) -> bytes:
+        """What is left when the stream ends: an unterminated last event, or b""."""
+        rest = bytes(self._buf).strip()
+        self._buf.clear()
+        self._scanned = 0
+        return rest
+
+
+def data_of(event: bytes) -> bytes:
+    """The `data:` payload of an event (multi-line data joined by `\\n`, as the spec says)."""
+    parts = [line[5:].removeprefix(b" ") for line in event.splitlines() if line.startswith(b"data:")]
+    return b"\n".join(parts)
+
+
+def field_of(event: bytes, name: bytes) -> bytes | None:
+    """The value of another field of an event, e.g. `event:`; None when absent."""
+    prefix = name + b":"
+    for line in event.splitlines():
+        if line.startswith(prefix):
+            return line[len(prefix) :].strip()
+    return None
