@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
@@ -158,8 +159,16 @@ async def serve(
 
 
 def _worker(cfg: Config, reuse_port: bool) -> None:
+    # Until serve() installs the loop's handlers there is nothing to drain: a SIGTERM that early (a fast
+    # restart) is a clean exit, not a death by signal.
+    signal.signal(signal.SIGTERM, _exit_now)
+    signal.signal(signal.SIGINT, _exit_now)
     install_uvloop()
     asyncio.run(serve(cfg, reuse_port=reuse_port))
+
+
+def _exit_now(_signum: int, _frame: Any) -> None:
+    sys.exit(0)
 
 
 def run(cfg: Config) -> int:
@@ -171,10 +180,18 @@ def run(cfg: Config) -> int:
     if not hasattr(socket, "SO_REUSEPORT"):
         log.error("--workers > 1 needs SO_REUSEPORT, which this platform lacks")
         return 2
+    # Port 0 must mean one port for all: bind it here first (SO_REUSEPORT, not listening, so it takes no
+    # connections) and give every worker the number the kernel chose.
+    family = socket.AF_INET6 if ":" in cfg.server.host else socket.AF_INET
+    holder = socket.socket(family, socket.SOCK_STREAM)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind((cfg.server.host, cfg.server.port))
+    cfg = msgspec.structs.replace(cfg, server=msgspec.structs.replace(cfg.server, port=holder.getsockname()[1]))
     ctx = multiprocessing.get_context("fork")
     procs = [ctx.Process(target=_worker, args=(cfg, True), name=f"hedgerow-worker-{i}") for i in range(workers)]
     for p in procs:
         p.start()
+    holder.close()
 
     def forward(signum: int, _frame: Any) -> None:
         for p in procs:
@@ -187,6 +204,8 @@ def run(cfg: Config) -> int:
     for p in procs:
         p.join()
         codes.append(p.exitcode or 0)
+        if p.exitcode:
+            log.error("%s (pid %s) exited with %s", p.name, p.pid, p.exitcode)
     return 0 if all(c == 0 for c in codes) else 1
 
 
