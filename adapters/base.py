@@ -66,6 +66,11 @@ class Adapter(Protocol):
         """For a non-2xx answer: an UpstreamStatus to fail over on, or None to relay it to the client."""
         ...
 
+    def error_body(self, status: int, body: bytes) -> bytes:
+        """A relayed non-2xx body as OpenAI's `{"error": {message, type, param, code}}` (identity for passthrough;
+        only called for adapters that are not)."""
+        ...
+
 
 async def transcoded(chunks: AsyncIterator[bytes], tx: Transcoder) -> AsyncIterator[bytes]:
     """The provider's stream as OpenAI SSE; pieces that yield no OpenAI event are skipped, not sent empty."""

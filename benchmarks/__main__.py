@@ -1,4 +1,7 @@
-"""Command line: `python -m benchmarks [scenario] [--quick] [--rate 200] [--duration S] [--rounds N] [--json FILE]`."""
+"""Command line: `python -m benchmarks SCENARIO [--quick] [--rate R] [--duration S] [--rounds N] [--json FILE]`.
+
+With no scenario, lists the scenarios.
+"""
 
 from __future__ import annotations
 
@@ -17,15 +20,18 @@ def main(argv: list[str] | None = None) -> int:
         epilog=f"scenarios:\n{listing}\n\nSee benchmarks/README.md for how to read the figures.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("scenario", nargs="?", default="overhead", choices=SCENARIOS, help="default: overhead")
-    parser.add_argument("--quick", action="store_true", help="smoke run for CI: one short round, a few seconds")
-    parser.add_argument("--rate", type=float, default=200.0, help="open-loop arrival rate, req/s (default 200)")
-    parser.add_argument("--duration", type=float, help="seconds per load run (default 3, or 0.4 with --quick)")
-    parser.add_argument("--rounds", type=int, help="rounds to take medians over (default 5, or 1 with --quick)")
+    parser.add_argument("scenario", nargs="?", choices=SCENARIOS, help="the scenario to run; none: list them")
+    parser.add_argument("--quick", action="store_true", help="smoke run for CI: short runs, only correctness counts")
+    parser.add_argument("--rate", type=float, help="open-loop arrival rate, req/s (default: the scenario's)")
+    parser.add_argument("--duration", type=float, help="seconds per load run (default: the scenario's)")
+    parser.add_argument("--rounds", type=int, help="rounds to take medians over (default: the scenario's)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write every figure to FILE as JSON")
     args = parser.parse_args(argv)
+    if args.scenario is None:
+        print(f"scenarios (run one: python -m benchmarks NAME [--quick] [--json FILE]; --help for options):\n{listing}")
+        return 0
     if (
-        args.rate <= 0
+        (args.rate is not None and args.rate <= 0)
         or (args.duration is not None and args.duration <= 0)
         or (args.rounds is not None and args.rounds < 1)
     ):

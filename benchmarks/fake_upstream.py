@@ -5,13 +5,24 @@ asyncio.Protocol with httptools (llhttp) parsing requests on uvloop, answering w
 It serves the very fixture files the tests use (tests/fixtures/openai/): one source of truth for what an
 OpenAI response looks like, and the bytes a relayed stream is checked against.
 
-Run: python -m benchmarks.fake_upstream --port 18001 [--ttft-ms 0] [--chunk-gap-ms 0]
+Fault injection, for the routing scenarios: a share of the POST requests (the generation routes; GETs such as
+`/v1/models`, which health probes and readiness checks use, always succeed) can be slow (`--slow-share`: the
+first byte after `--slow-ms` instead of the TTFT), fail (`--fail-share`: 500 with OpenAI's error body
+`chat_500.json`, at once) or be reset (`--reset-share`: the connection is aborted at once, no answer). One
+draw per request from a seeded RNG (`--seed`), so a run is reproducible given the same arrival order.
+`GET /stats` answers what was served: `{"requests", "slow", "failed", "reset", "gets"}` (requests = POSTs;
+/stats itself is not counted).
+
+Run: python -m benchmarks.fake_upstream --port 18001 [--ttft-ms 0] [--ttft-jitter-ms 0] [--chunk-gap-ms 0]
+     [--slow-share 0 --slow-ms 2000] [--fail-share 0] [--reset-share 0] [--seed 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import random
 import signal
 import sys
 from pathlib import Path
@@ -22,6 +33,8 @@ import uvloop
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "openai"
 CHAT_PATH = b"/v1/chat/completions"
+STATS_PATH = b"/stats"
+_OK, _SLOW, _FAIL, _RESET = 0, 1, 2, 3
 
 
 def sse_events(raw: bytes) -> list[bytes]:
@@ -49,6 +62,7 @@ class Routes:
             (b"POST", b"/v1/embeddings"): fixture("embeddings_ok.json"),
             (b"GET", b"/v1/models"): fixture("models_ok.json"),
         }
+        self.server_error = _response((fixtures / "chat_500.json").read_bytes(), status=b"500 Internal Server Error")
         self.not_found = _response(
             b'{"error":{"message":"no such route","type":"invalid_request_error"}}', status=b"404 Not Found"
         )
@@ -61,13 +75,58 @@ class Routes:
         self.stream_chunks = [b"%x\r\n%s\r\n" % (len(event), event) for event in events] + [b"0\r\n\r\n"]
 
 
+class Faults:
+    """What this upstream has served, and the fault drawn for each POST: one uniform draw per request,
+    [0, fail) fails, [fail, fail + reset) resets, [fail + reset, fail + reset + slow) is slow."""
+
+    def __init__(
+        self,
+        ttft_s: float = 0.0,
+        jitter_s: float = 0.0,
+        slow_share: float = 0.0,
+        slow_s: float = 2.0,
+        fail_share: float = 0.0,
+        reset_share: float = 0.0,
+        seed: int = 1,
+    ) -> None:
+        if min(slow_share, fail_share, reset_share) < 0 or slow_share + fail_share + reset_share > 1:
+            raise ValueError("fault shares must be ≥ 0 and add up to at most 1")
+        self.ttft_s = ttft_s
+        self.jitter_s = jitter_s
+        self.slow_s = slow_s
+        self._fail = fail_share
+        self._reset = fail_share + reset_share
+        self._slow = fail_share + reset_share + slow_share
+        self.active = self._slow > 0 or jitter_s > 0  # else: no draw at all (the zero-fault path stays cheap)
+        self._rng = random.Random(seed)
+        self.counts = {"requests": 0, "slow": 0, "failed": 0, "reset": 0, "gets": 0}
+
+    def draw(self) -> tuple[int, float]:
+        """(fault, seconds before the first byte) for one POST."""
+        rng = self._rng
+        u = rng.random()
+        if u < self._fail:
+            self.counts["failed"] += 1
+            return _FAIL, 0.0
+        if u < self._reset:
+            self.counts["reset"] += 1
+            return _RESET, 0.0
+        if u < self._slow:
+            self.counts["slow"] += 1
+            return _SLOW, self.slow_s
+        return _OK, self.ttft_s + (rng.random() * self.jitter_s if self.jitter_s else 0.0)
+
+    def stats(self) -> bytes:
+        return _response(json.dumps(self.counts).encode())
+
+
 class FakeOpenAI(asyncio.Protocol):
     """One keep-alive connection. Responses with no delay are written inline from the parser callback;
     delayed ones run in a task chained to the previous one, so pipelined requests still answer in order."""
 
-    def __init__(self, routes: Routes, ttft_s: float, gap_s: float) -> None:
+    def __init__(self, routes: Routes, faults: Faults, gap_s: float) -> None:
         self._routes = routes
-        self._ttft_s = ttft_s
+        self._faults = faults
         self._gap_s = gap_s
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
@@ -104,12 +163,36 @@ class FakeOpenAI(asyncio.Protocol):
         path = self._url.split(b"?", 1)[0]
         method = self._parser.get_method()
         keep_alive = self._parser.should_keep_alive()
+        faults = self._faults
+        transport = self._transport
+        assert transport is not None
+        ttft_s = faults.ttft_s
+        if method == b"POST":
+            faults.counts["requests"] += 1
+            if faults.active:
+                fault, ttft_s = faults.draw()
+                if fault == _RESET:
+                    if self._tail is not None:
+                        self._tail.cancel()
+                    transport.abort()  # no answer at all: the peer sees the connection reset or closed
+                    return
+                if fault == _FAIL:
+                    self._send([self._routes.server_error], keep_alive, 0.0)
+                    return
+        elif method == b"GET" and path == STATS_PATH:
+            self._send([faults.stats()], keep_alive, 0.0)
+            return
+        else:
+            faults.counts["gets"] += 1
         if method == b"POST" and path == CHAT_PATH and _wants_stream(b"".join(self._body)):
             parts = [self._routes.stream_head, *self._routes.stream_chunks]
         else:
             parts = [self._routes.fixed.get((method, path), self._routes.not_found)]
-        if self._ttft_s or self._gap_s or self._tail is not None:
-            self._tail = asyncio.ensure_future(self._write_delayed(self._tail, parts, keep_alive))
+        self._send(parts, keep_alive, ttft_s)
+
+    def _send(self, parts: list[bytes], keep_alive: bool, ttft_s: float) -> None:
+        if ttft_s or self._gap_s or self._tail is not None:
+            self._tail = asyncio.ensure_future(self._write_delayed(self._tail, parts, keep_alive, ttft_s))
             return
         transport = self._transport
         assert transport is not None
@@ -118,13 +201,16 @@ class FakeOpenAI(asyncio.Protocol):
         if not keep_alive:
             transport.close()
 
-    async def _write_delayed(self, previous: asyncio.Task[None] | None, parts: list[bytes], keep_alive: bool) -> None:
+    async def _write_delayed(
+        self, previous: asyncio.Task[None] | None, parts: list[bytes], keep_alive: bool, ttft_s: float
+    ) -> None:
         if previous is not None:
             await previous
         transport = self._transport
         assert transport is not None
         head, *chunks = parts  # for a stream: one chunk per event, then the terminating chunk
-        await asyncio.sleep(self._ttft_s)
+        if ttft_s:
+            await asyncio.sleep(ttft_s)
         # The head goes out with the first event: a provider answers once its first token exists.
         transport.write(head + chunks[0] if chunks else head)
         for chunk in chunks[1:-1]:
@@ -142,11 +228,11 @@ def _wants_stream(body: bytes) -> bool:
     return b'"stream":true' in body or b'"stream": true' in body
 
 
-async def serve(host: str, port: int, ttft_ms: float, gap_ms: float) -> None:
+async def serve(host: str, port: int, faults: Faults, gap_ms: float) -> None:
     loop = asyncio.get_running_loop()
     routes = Routes()
     server = await loop.create_server(
-        lambda: FakeOpenAI(routes, ttft_ms / 1000, gap_ms / 1000), host, port, backlog=4096, reuse_address=True
+        lambda: FakeOpenAI(routes, faults, gap_ms / 1000), host, port, backlog=4096, reuse_address=True
     )
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -162,9 +248,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True, help="0 picks a free port (printed on stderr)")
     parser.add_argument("--ttft-ms", type=float, default=0.0, help="delay before the response head and first event")
+    parser.add_argument("--ttft-jitter-ms", type=float, default=0.0, help="plus a uniform 0..this, per request")
     parser.add_argument("--chunk-gap-ms", type=float, default=0.0, help="delay between stream events")
+    parser.add_argument("--slow-share", type=float, default=0.0, help="share of POSTs whose first byte is slow")
+    parser.add_argument("--slow-ms", type=float, default=2000.0, help="first-byte delay of a slow POST")
+    parser.add_argument("--fail-share", type=float, default=0.0, help="share of POSTs answered 500 at once")
+    parser.add_argument("--reset-share", type=float, default=0.0, help="share of POSTs whose connection is aborted")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the fault draws")
     args = parser.parse_args(argv)
-    uvloop.run(serve(args.host, args.port, args.ttft_ms, args.chunk_gap_ms))
+    try:
+        faults = Faults(
+            ttft_s=args.ttft_ms / 1000,
+            jitter_s=args.ttft_jitter_ms / 1000,
+            slow_share=args.slow_share,
+            slow_s=args.slow_ms / 1000,
+            fail_share=args.fail_share,
+            reset_share=args.reset_share,
+            seed=args.seed,
+        )
+    except ValueError as e:
+        parser.error(str(e))
+    uvloop.run(serve(args.host, args.port, faults, args.chunk_gap_ms))
 
 
 if __name__ == "__main__":

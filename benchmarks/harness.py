@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -96,6 +97,22 @@ def http_ok(port: int, path: str) -> Callable[[], bool]:
     return probe
 
 
+def get_json(port: int, path: str, key: str | None = None, timeout_s: float = 2.0) -> Any:
+    """GET 127.0.0.1:port/path as JSON (a fake upstream's /stats, a gateway's endpoint snapshot)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+    try:
+        conn.request("GET", path, headers={"Authorization": f"Bearer {key}"} if key else {})
+        resp = conn.getresponse()
+        body = resp.read()
+        if resp.status != 200:
+            raise ServiceError(f"GET :{port}{path} answered {resp.status}: {body[:200]!r}")
+        return json.loads(body)
+    except (OSError, http.client.HTTPException) as e:
+        raise ServiceError(f"GET :{port}{path} failed: {e}") from None
+    finally:
+        conn.close()
+
+
 class Service:
     """A server process `sys.executable <args>`, run from the repo root with output to `log_dir/<name>.log`."""
 
@@ -126,7 +143,11 @@ class Service:
 
     def cpu_seconds(self) -> float:
         """User + system CPU of every live process in this service's session."""
-        ticks = 0
+        return sum(self.cpu_times())
+
+    def cpu_times(self) -> tuple[float, float]:
+        """(user, system) CPU seconds of every live process in this service's session."""
+        user = system = 0
         for entry in os.scandir("/proc"):
             if not entry.name.isdigit():
                 continue
@@ -136,8 +157,9 @@ class Service:
                 continue
             fields = stat[stat.rfind(")") + 2 :].split()  # fields[0] is stat(5) field 3, "state"
             if int(fields[3]) == self.proc.pid:  # field 6: session id
-                ticks += int(fields[11]) + int(fields[12])  # fields 14, 15: utime, stime
-        return ticks / CLK_TCK
+                user += int(fields[11])  # field 14: utime
+                system += int(fields[12])  # field 15: stime
+        return user / CLK_TCK, system / CLK_TCK
 
     def log_tail(self, lines: int = 25) -> str:
         self._log.flush()
@@ -190,6 +212,26 @@ def run_load(args: list[str], cpus: frozenset[int] | None, timeout_s: float) -> 
     if out.returncode != 0:
         raise ServiceError(f"load generator failed ({out.returncode}): {out.stderr.decode(errors='replace')[-2000:]}")
     return json.loads(out.stdout)
+
+
+def run_load_sampled(
+    args: list[str], cpus: frozenset[int] | None, timeout_s: float, sample: Callable[[], Any], every_s: float
+) -> tuple[dict[str, Any], list[tuple[float, Any]]]:
+    """`run_load`, calling `sample()` every `every_s` meanwhile (and once more at the end); the samples come
+    with their time.monotonic(), which is the generator's clock too (both CLOCK_MONOTONIC), so they line up
+    with the result's `t0_monotonic_s`. Bounded: the load generator run has its own timeout."""
+    samples: list[tuple[float, Any]] = []
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(run_load, args, cpus, timeout_s)
+        while True:
+            samples.append((time.monotonic(), sample()))
+            try:
+                result = future.result(timeout=every_s)
+                break
+            except TimeoutError:
+                continue
+    samples.append((time.monotonic(), sample()))
+    return result, samples
 
 
 def machine() -> dict[str, Any]:

@@ -7,7 +7,8 @@ Why open loop: request i is due at t0 + i/R whatever happened before, and its la
 so a stall in the target shows in every request it held up (no coordinated omission).
 
 Run: python -m benchmarks.load --url http://127.0.0.1:18080/v1/chat/completions --rate 200 --duration 5
-Prints one JSON object on stdout: count, errors, rps, latency and (streams) TTFB percentiles in ms.
+Prints one JSON object on stdout: count, errors, rps, latency and (streams) TTFB percentiles in ms, and with
+`--count-header NAME` how often each value of that response header came back (e.g. X-Hedgerow-Attempts).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class LoadSpec:
     key: str | None = None
     expect: bytes | None = None  # every response body must equal these bytes
     timeout_s: float = 10.0  # per request, connection wait included
+    count_headers: tuple[str, ...] = ()  # response headers whose values are counted (any status)
+    over_ms: tuple[float, ...] = ()  # count successful responses with latency (and TTFB) at or above these
 
 
 def chat_body(model: str, stream: bool) -> bytes:
@@ -82,6 +85,7 @@ class _Conn(asyncio.Protocol):
         self.first_body_ns = 0
         self.done_ns = 0
         self.body: list[bytes] = []
+        self.headers: dict[bytes, bytes] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
@@ -101,6 +105,7 @@ class _Conn(asyncio.Protocol):
         assert self._transport is not None
         self.first_body_ns = 0
         self.body = []
+        self.headers = {}
         self._waiter = asyncio.get_running_loop().create_future()
         self._transport.write(request)
         return self._waiter
@@ -128,17 +133,36 @@ class _Conn(asyncio.Protocol):
             self._waiter.set_result(None)
 
 
+class _HeaderConn(_Conn):
+    """A connection that also keeps the response headers named in `WANTED` (lower case). A subclass, so
+    runs that count no header pay nothing: httptools calls `on_header` only if the protocol has it."""
+
+    WANTED: frozenset[bytes] = frozenset()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name in self.WANTED:
+            self.headers[name] = value
+
+
+def _conn_class(names: tuple[str, ...]) -> type[_Conn]:
+    if not names:
+        return _Conn
+    return type("_Counting", (_HeaderConn,), {"WANTED": frozenset(n.lower().encode() for n in names)})
+
+
 class _Pool:
     """Idle keep-alive connections; a semaphore caps how many exist (each carries one request at a time)."""
 
-    def __init__(self, host: str, port: int, cap: int) -> None:
+    def __init__(self, host: str, port: int, cap: int, conn_class: type[_Conn] = _Conn) -> None:
         self._host = host
         self._port = port
+        self._conn_class = conn_class
         self._slots = asyncio.Semaphore(cap)
         self._idle: list[_Conn] = []
 
     async def _connect(self) -> _Conn:
-        _, conn = await asyncio.get_running_loop().create_connection(_Conn, self._host, self._port)
+        _, conn = await asyncio.get_running_loop().create_connection(self._conn_class, self._host, self._port)
         return conn
 
     async def prewarm(self, n: int) -> None:
@@ -170,8 +194,10 @@ class _Pool:
 
 
 class _Recorder:
-    def __init__(self, expect: bytes | None) -> None:
+    def __init__(self, expect: bytes | None, count_headers: tuple[str, ...] = ()) -> None:
         self.expect = expect
+        self.count_headers = [(n, n.lower().encode()) for n in count_headers]
+        self.header_counts: dict[str, Counter[str]] = {n: Counter() for n in count_headers}
         self.latency_ns: list[int] = []
         self.ttfb_ns: list[int] = []
         self.lag_ns: list[int] = []
@@ -179,6 +205,9 @@ class _Recorder:
         self.mismatches = 0
 
     def response(self, conn: _Conn, start_ns: int) -> None:
+        for name, key in self.count_headers:
+            value = conn.headers.get(key)
+            self.header_counts[name]["(none)" if value is None else value.decode(errors="replace")] += 1
         if conn.status != 200:
             self.errors[f"http {conn.status}"] += 1
             return
@@ -265,8 +294,8 @@ async def run(spec: LoadSpec) -> dict[str, Any]:
     host, port, path = _loopback(spec.url)
     request = build_request(host, port, path, chat_body(spec.model, spec.stream), spec.key)
     cap = spec.concurrency if spec.mode == "closed" else spec.max_connections
-    pool = _Pool(host, port, cap)
-    rec = _Recorder(spec.expect)
+    pool = _Pool(host, port, cap, _conn_class(spec.count_headers))
+    rec = _Recorder(spec.expect, spec.count_headers)
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     try:
         loop_fn = _open_loop if spec.mode == "open" else _closed_loop
@@ -287,10 +316,12 @@ async def run(spec: LoadSpec) -> dict[str, Any]:
         "errors": sum(rec.errors.values()),
         "error_kinds": dict(rec.errors),
         "elapsed_s": round(elapsed_s, 4),
+        "t0_monotonic_s": t0 / 1e9,  # perf_counter is CLOCK_MONOTONIC on Linux: comparable across processes
         "rps": round(ok / elapsed_s, 1) if elapsed_s > 0 else 0.0,
         "p50": _pct(latency, 0.50),
         "p90": _pct(latency, 0.90),
         "p99": _pct(latency, 0.99),
+        "p999": _pct(latency, 0.999),
         "max": _pct(latency, 1.0),
         "generator_cpu_pct": round(100 * cpu_s / elapsed_s, 1) if elapsed_s > 0 else None,
     }
@@ -304,8 +335,20 @@ async def run(spec: LoadSpec) -> dict[str, Any]:
         ttfb = sorted(rec.ttfb_ns)
         result["ttfb_p50"] = _pct(ttfb, 0.50)
         result["ttfb_p99"] = _pct(ttfb, 0.99)
+        result["ttfb_p999"] = _pct(ttfb, 0.999)
+        result["ttfb_max"] = _pct(ttfb, 1.0)
     if spec.expect is not None:
         result["mismatches"] = rec.mismatches
+    if spec.count_headers:
+        result["headers"] = {name: dict(sorted(c.items())) for name, c in rec.header_counts.items()}
+    if spec.over_ms:
+        result["over_ms"] = {
+            f"{ms:g}": {
+                "latency": sum(1 for v in rec.latency_ns if v >= ms * 1e6),
+                "ttfb": sum(1 for v in rec.ttfb_ns if v >= ms * 1e6),
+            }
+            for ms in spec.over_ms
+        }
     return result
 
 
@@ -324,6 +367,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--key", help="sent as Authorization: Bearer KEY")
     parser.add_argument("--expect", type=Path, help="file whose bytes every response body must equal")
     parser.add_argument("--timeout", type=float, default=10.0, help="per-request timeout, seconds")
+    parser.add_argument(
+        "--count-header",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="count the values of this response header (repeatable; '(none)' when absent)",
+    )
+    parser.add_argument(
+        "--count-over-ms",
+        action="append",
+        type=float,
+        default=[],
+        metavar="MS",
+        help="count successful responses whose latency (and TTFB) is at least MS (repeatable)",
+    )
     args = parser.parse_args(argv)
     if args.rate <= 0 or args.duration <= 0 or args.concurrency < 1 or args.connections < 0:
         parser.error("--rate and --duration must be > 0, --concurrency ≥ 1, --connections ≥ 0")
@@ -339,6 +397,8 @@ def main(argv: list[str] | None = None) -> None:
         key=args.key,
         expect=args.expect.read_bytes() if args.expect else None,
         timeout_s=args.timeout,
+        count_headers=tuple(args.count_header),
+        over_ms=tuple(args.count_over_ms),
     )
     print(json.dumps(uvloop.run(run(spec))))
 

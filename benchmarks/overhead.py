@@ -10,6 +10,7 @@ machine mostly cancels out.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -43,6 +44,8 @@ MAX_ADDED_VS_BARE = 1.2
 MAX_TTFB_ADDED_P50_MS = 0.6
 MIN_RPS_VS_BARE = 0.8
 
+RATE = 200.0  # default open-loop arrival rate, req/s
+
 CONCURRENCY = 32
 GATEWAY_KEY = "sk-bench-0123456789"
 GATEWAY_MODEL = "fake/gpt-4o-mini"
@@ -74,6 +77,7 @@ class Target:
 
 
 def run(opts: Options) -> int:
+    opts = dataclasses.replace(opts, rate=opts.rate or RATE)
     plan = cpu_plan()
     rounds = opts.rounds or (1 if opts.quick else 5)
     duration = opts.duration_s or (0.4 if opts.quick else 3.0)

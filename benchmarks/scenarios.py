@@ -6,13 +6,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks import overhead
+from benchmarks import failover, hedging, overhead, routing
 
 
 @dataclass(frozen=True)
 class Options:
     quick: bool = False  # CI smoke: one short round, only correctness decides the exit status
-    rate: float = 200.0  # open-loop arrival rate, requests per second
+    rate: float | None = None  # open-loop arrival rate, requests per second; None picks the scenario's default
     duration_s: float | None = None  # per load run; None picks the scenario's default
     rounds: int | None = None  # repetitions to take medians over; None picks the scenario's default
     json_path: Path | None = None  # also write every figure here
@@ -28,8 +28,33 @@ SCENARIOS: dict[str, Scenario] = {
     "overhead": Scenario(
         summary=(
             "latency, stream TTFB and throughput the gateway adds over a bare aiohttp proxy, both in\n"
-            "front of a zero-delay fake upstream; checks byte identity and the acceptance targets"
+            "front of a zero-delay fake upstream; checks byte identity and the acceptance targets\n"
+            "(default: 200 req/s, 5 rounds × 3 s; ~2.5 min)"
         ),
         run=overhead.run,
+    ),
+    "hedging": Scenario(
+        summary=(
+            "streamed TTFT with one of three providers slow (2 s) for 5 % of its requests: hedging\n"
+            "off vs on vs a gateway with only the two healthy providers; extra upstream requests\n"
+            "(default: 50 req/s, 25 s per gateway after a 10 s warm-up; ~2 min)"
+        ),
+        run=hedging.run,
+    ),
+    "failover": Scenario(
+        summary=(
+            "one of three providers fails half its requests (500s and connection resets): client\n"
+            "success rate, attempts per request, the bad provider's traffic around its ejection\n"
+            "(default: 100 req/s, 20 s non-streamed then 20 s streamed; ~1 min)"
+        ),
+        run=failover.run,
+    ),
+    "routing": Scenario(
+        summary=(
+            "what the full routing path costs: one-endpoint model vs three endpoints (P2C, health,\n"
+            "hedging armed; and without hedging), c=1 and open loop, plus in-process timings of\n"
+            "Router.plan + Monitor.record (default: 200 req/s, 7 rounds × 2 s; ~3 min)"
+        ),
+        run=routing.run,
     ),
 }

@@ -192,6 +192,9 @@ async def run_attempt(
                 failure = adapter.classify(resp.status, data, resp.headers)
                 if failure is not None:
                     raise failure
+                if not adapter.passthrough:  # the provider's error shape → OpenAI's
+                    data = adapter.error_body(resp.status, data)
+                    committed.ctype = "application/json"
                 committed.body = data
                 committed.ttfb = loop.time() - started
                 raise Relay(committed)

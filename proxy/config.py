@@ -47,9 +47,10 @@ class ProbeConfig(Base):
 
 class ProviderConfig(Base):
     name: str  # unique; shown in the X-Hedgerow-Provider header, logs and metrics
-    base_url: str  # e.g. https://api.openai.com/v1, or "builtin:demo"
+    base_url: str | None = None  # e.g. https://api.openai.com/v1, or "builtin:demo"; absent: the preset's
     adapter: str = "openai"  # wire format: a key of adapters.REGISTRY
-    api_key: str | None = None  # usually "${OPENAI_API_KEY}"; sent as a Bearer token, never logged
+    preset: str | None = None  # adapters/presets.py: base-url, key variable, unsupported params (e.g. "groq")
+    api_key: str | None = None  # usually "${OPENAI_API_KEY}" (absent: the preset's variable); never logged
     requires_env: str | None = None  # skip this provider (and its endpoints) unless this env var is set
     headers: dict[str, str] = {}  # extra headers on every upstream request
     timeouts: Timeouts = Timeouts()
@@ -154,6 +155,31 @@ def _expand(node: Any, path: str, env: dict[str, str], problems: list[str]) -> A
     return node
 
 
+def _apply_presets(tree: dict[str, Any]) -> None:
+    """Fill what a provider's `preset` implies and the provider leaves out, before anything else reads it.
+
+    `base-url` defaults to the preset's; with no `api-key`, the key is `${<PRESET_ENV>}` and `requires-env`
+    defaults to that variable, so a cloud preset switches itself on when its key is exported. These defaults
+    are written into the tree, so the usual rules (`_drop_disabled`, `${VAR}` expansion) apply to them as to
+    written values. An unknown preset is left alone for validate() to report with its path.
+    """
+    from adapters.presets import PRESETS  # late: importing adapters imports this module
+
+    providers = tree.get("providers")
+    if not isinstance(providers, list):
+        return
+    for i, p in enumerate(providers):
+        name = p.get("preset") if isinstance(p, dict) else None
+        preset = PRESETS.get(name) if isinstance(name, str) else None
+        if preset is None:
+            continue
+        implied: dict[str, Any] = {"base-url": preset.base_url}
+        if preset.api_key_env and "api-key" not in p:
+            implied["api-key"] = f"${{{preset.api_key_env}}}"
+            implied["requires-env"] = preset.api_key_env
+        providers[i] = {**implied, **p}
+
+
 def _drop_disabled(tree: dict[str, Any], env: dict[str, str]) -> None:
     """Remove providers whose `requires-env` is unset, their endpoints, and models left without any."""
     providers = tree.get("providers")
@@ -228,6 +254,7 @@ def _is_loopback(host: str) -> bool:
 def validate(cfg: Config) -> list[str]:
     """Cross-reference checks that types cannot express; returns every problem found."""
     from adapters import REGISTRY  # late: adapters import config types
+    from adapters.presets import PRESETS
 
     problems: list[str] = []
     seen: set[str] = set()
@@ -239,7 +266,15 @@ def validate(cfg: Config) -> list[str]:
             problems.append(
                 f"unknown adapter `{p.adapter}` (known: {', '.join(sorted(REGISTRY))}) - at `$.providers[{i}].adapter`"
             )
-        if p.base_url != BUILTIN_DEMO and not p.base_url.startswith(("http://", "https://")):
+        if p.preset is not None and p.preset not in PRESETS:
+            problems.append(
+                f"unknown preset `{p.preset}` (known: {', '.join(sorted(PRESETS))}) - at `$.providers[{i}].preset`"
+            )
+        elif p.preset is not None and p.adapter != "openai":
+            problems.append(f"presets are for the openai adapter, not `{p.adapter}` - at `$.providers[{i}].preset`")
+        elif p.base_url is None:
+            problems.append(f"give `base-url` or a `preset` - at `$.providers[{i}]`")
+        elif p.base_url != BUILTIN_DEMO and not p.base_url.startswith(("http://", "https://")):
             problems.append(
                 f"base-url must start with http:// or https:// (or be {BUILTIN_DEMO}) - at `$.providers[{i}].base-url`"
             )
@@ -282,6 +317,7 @@ def parse(text: str, fmt: str, env: dict[str, str] | None = None) -> Config:
     if not isinstance(tree, dict):
         raise ConfigError(["the config must be a mapping at the top level - at `$`"])
     problems: list[str] = []
+    _apply_presets(tree)
     _drop_disabled(tree, env)
     tree = _expand(tree, "$", env, problems)
     cfg = _convert_all(tree, problems)

@@ -49,11 +49,12 @@ CACHE_REQUEST_HEADER = "X-Hedgerow-Cache"  # per request: "on" or "off", over th
 class Attempts:
     """How the attempts went: the winner, how many were made, whether a hedge raced and who won."""
 
-    __slots__ = ("attempts", "committed", "down", "hedge")
+    __slots__ = ("attempts", "candidates", "committed", "down", "hedge")
 
     def __init__(self) -> None:
         self.committed: Committed | None = None
         self.attempts = 0
+        self.candidates = 0  # endpoints that could have served: all of the model's unless preferences narrowed
         self.hedge = ""  # "", "won" or "lost"
         self.down: web.StreamResponse | None = None  # the client stream, if keep-alives already opened it
 
@@ -105,7 +106,7 @@ class Forwarder:
     async def forward(
         self, request: web.Request, kind: str, view: _View, body: bytes, gen_id: str, key_name: str
     ) -> web.StreamResponse:
-        route, plan = self.router.plan(view.model, provider_prefs(view.provider), fallback_models(view.models))
+        route, plan = self.router.plan(view.model, provider_prefs(view.provider), fallback_models(view.models), body)
         plan = [ep for ep in plan if ep.adapter.target(kind, ep.model, view.stream) is not None]
         if not plan:
             raise BadRequest(f"model `{view.model}` does not support this endpoint", param="model")
@@ -131,6 +132,7 @@ class Forwarder:
         if hedge_delay is not None:
             self._hedge_budget(route).deposit()  # the budget is a share of the requests that could hedge
         run = Attempts()
+        run.candidates = len(plan) if view.provider or view.models else max(len(plan), len(route.endpoints))
         try:
             if hedge_delay is None and not view.stream:
                 await self._sequential(run, kind, view, body, plan)
@@ -237,7 +239,7 @@ class Forwarder:
                 return
             except UpstreamError as e:
                 last = e
-        raise _final_error(last, run.attempts, len(plan))
+        raise _final_error(last, run.attempts >= len(plan), run.candidates)
 
     async def _race(
         self,
@@ -316,7 +318,7 @@ class Forwarder:
                 t.cancel()  # the loser (or everything, if the client left): its connection closes now
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
-        raise _final_error(last, run.attempts, len(plan))
+        raise _final_error(last, run.attempts >= len(plan), run.candidates)
 
     def _deadline(self, ep: Endpoint, kind: str) -> float:
         target = ep.adapter.target(kind, ep.model, False)
@@ -386,7 +388,7 @@ class RelayedStatus(GatewayError):
         return {"Retry-After": self._err.upstream_headers.get("Retry-After", "1")}
 
 
-def _final_error(last: UpstreamError | None, attempts: int, candidates: int) -> GatewayError:
+def _final_error(last: UpstreamError | None, tried_all: bool, candidates: int) -> GatewayError:
     """What the client gets when no attempt succeeded."""
     if last is None:
         return Unavailable("no endpoint could take the request (retry budget exhausted)")
@@ -398,6 +400,6 @@ def _final_error(last: UpstreamError | None, attempts: int, candidates: int) -> 
             last = UpstreamTimeout(f"upstream {last.upstream} timed out (504)", upstream=last.upstream)
         else:
             last = UpstreamError(f"upstream {last.upstream} failed with status {status}", upstream=last.upstream)
-    if candidates > 1 and attempts >= candidates:
+    if candidates > 1 and tried_all:  # ejected endpoints count as failed: they were out for failing
         return Unavailable(f"all {candidates} endpoints failed; the last: {last.message}")
     return last

@@ -1,8 +1,8 @@
 """A request's routing preferences in OpenRouter's shape, decoded only when the request carries them.
 
-`provider: {order, only, ignore, allow_fallbacks, sort, max_price}`, the `models: [...]` fallback list and the
-`:nitro` (sort by throughput) / `:floor` (sort by price) model suffixes. Most requests carry none of these, so
-the common path costs one empty-Raw check.
+`provider: {order, only, ignore, allow_fallbacks, sort, max_price, require_parameters}`, the `models: [...]`
+fallback list and the `:nitro` (sort by throughput) / `:floor` (sort by price) model suffixes. Most requests
+carry none of these, so the common path costs one empty-Raw check.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ class ProviderPrefs(msgspec.Struct, frozen=True):
     allow_fallbacks: bool = True  # False: only the first choice; no other provider on failure
     sort: Sort | None = None  # deterministic order instead of load balancing
     max_price: MaxPrice | None = None  # skip endpoints priced above this
+    require_parameters: bool = False  # skip endpoints that would drop a parameter the request uses
 
 
 NO_PREFS = ProviderPrefs()
@@ -52,6 +53,14 @@ def fallback_models(raw: msgspec.Raw) -> list[str]:
         return _decode_models(raw)
     except msgspec.ValidationError as e:
         raise BadRequest(f"invalid `models` list: {e}", param="models") from None
+
+
+_decode_top = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
+
+
+def request_params(body: bytes) -> frozenset[str]:
+    """The request's top-level parameter names (values stay undecoded): for `require_parameters` only."""
+    return frozenset(_decode_top(body))
 
 
 def split_suffix(model: str) -> tuple[str, Sort | None]:

@@ -19,8 +19,8 @@ from health.monitor import Monitor
 from health.state import EndpointState
 from health.window import EndpointHealth
 from proxy.config import BUILTIN_DEMO, Config, HedgeConfig, Price
-from proxy.errors import Unavailable, UnknownModel
-from proxy.preferences import NO_PREFS, ProviderPrefs, Sort, split_suffix
+from proxy.errors import BadRequest, Unavailable, UnknownModel
+from proxy.preferences import NO_PREFS, ProviderPrefs, Sort, request_params, split_suffix
 
 
 class Endpoint:
@@ -105,9 +105,10 @@ class Router:
         self.rng = rng
 
     def plan(
-        self, model: str, prefs: ProviderPrefs = NO_PREFS, fallbacks: list[str] | None = None
+        self, model: str, prefs: ProviderPrefs = NO_PREFS, fallbacks: list[str] | None = None, body: bytes = b""
     ) -> tuple[ModelRoute, list[Endpoint]]:
-        """The primary model's route and every endpoint to try, in order (first = first attempt)."""
+        """The primary model's route and every endpoint to try, in order (first = first attempt). `body` is
+        read only under `provider.require_parameters`, for the parameter names it uses."""
         name, suffix_sort = split_suffix(model)
         route = self.table.route(name)
         if prefs is NO_PREFS and suffix_sort is None and not fallbacks:
@@ -119,6 +120,8 @@ class Router:
             if fb_route is None:
                 continue  # an unknown fallback is skipped, as OpenRouter does
             out.extend(e for e in self._filtered(fb_route, prefs, prefs.sort or fb_sort) if e not in out)
+        if prefs.require_parameters and out:
+            out = _supporting(out, request_params(body), name)
         if not prefs.allow_fallbacks:
             out = out[:1]
         if not out:
@@ -127,9 +130,11 @@ class Router:
 
     def _order(self, route: ModelRoute, sort: Sort | None) -> list[Endpoint]:
         healthy: tuple[Endpoint, ...] = self.monitor.healthy.get(route.name, ())  # type: ignore[assignment]
-        if not healthy:
+        if not healthy:  # panic: all are ejected; the least bad first, the others as failover candidates
             least_bad = self.monitor.least_bad(route.name)
-            return [least_bad] if least_bad is not None else []  # type: ignore[list-item]
+            if least_bad is None:
+                return []
+            return [least_bad, *(e for e in route.endpoints if e is not least_bad)]  # type: ignore[list-item]
         if len(healthy) == 1:
             return [healthy[0]]
         if sort is not None:
@@ -167,6 +172,23 @@ class Router:
             listed = sorted((e for e in eps if e.provider in rank), key=lambda e: rank[e.provider])
             eps = listed + ([e for e in eps if e.provider not in rank] if prefs.allow_fallbacks else [])
         return eps
+
+
+_NONE: frozenset[str] = frozenset()
+
+
+def _supporting(eps: list[Endpoint], used: frozenset[str], name: str) -> list[Endpoint]:
+    """The endpoints whose adapter would drop none of the request's parameters (an adapter lists those in an
+    optional `unsupported` attribute: the OpenAI adapter, from its preset); a 400 naming them if none is left."""
+    kept = [e for e in eps if used.isdisjoint(getattr(e.adapter, "unsupported", _NONE))]
+    if kept:
+        return kept
+    missing = sorted(set().union(*(used & getattr(e.adapter, "unsupported", _NONE) for e in eps)))
+    raise BadRequest(
+        f"no endpoint of `{name}` supports {', '.join(f'`{m}`' for m in missing)} and the request sets"
+        " provider.require_parameters",
+        param=missing[0],
+    )
 
 
 def _throughput_key(e: Endpoint) -> float:

@@ -6,6 +6,8 @@ whose untouched values are `msgspec.Raw` copies, never re-encoded.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import msgspec
 
 from proxy.errors import BadRequest
@@ -74,11 +76,14 @@ _raw_doc = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _encode = msgspec.json.Encoder().encode
 
 
-def rewrite(body: bytes, model: str, drop_gateway_fields: bool) -> bytes:
-    """One top-level rewrite: set `model`, drop gateway-only fields; every other value copied as bytes."""
+def rewrite(body: bytes, model: str, drop_gateway_fields: bool, drop: Iterable[str] = ()) -> bytes:
+    """One top-level rewrite: set `model`, drop gateway-only fields and `drop` (parameters the upstream does
+    not support); every other value copied as bytes."""
     doc = _raw_doc.decode(body)
     doc["model"] = msgspec.Raw(_encode(model))
     if drop_gateway_fields:
         for name in GATEWAY_FIELDS:
             doc.pop(name, None)
+    for name in drop:
+        doc.pop(name, None)
     return _encode(doc)

@@ -31,23 +31,50 @@ async def fake_upstream(aiohttp_server: Any) -> FakeUpstream:
 def gateway_config(
     upstreams: dict[str, str],
     *,
-    models: dict[str, list[tuple[str, str]]] | None = None,
+    models: dict[str, list[tuple[str, str] | tuple[str, str, dict[str, float]]]] | None = None,
     timeouts: dict[str, float] | None = None,
     server: dict[str, Any] | None = None,
+    routing: dict[str, Any] | None = None,
+    probe: dict[str, Any] | None = None,
+    hedge: dict[str, Any] | None = None,
+    adapter: str | dict[str, str] | None = None,
 ) -> Config:
-    """A config with one provider per upstream URL; by default model `test/gpt-4o-mini` on every provider."""
+    """A config with one provider per upstream URL; by default model `test/gpt-4o-mini` on every provider.
+
+    An endpoint is `(provider, upstream model)` or `(provider, upstream model, price)` with price
+    `{"input": …, "output": …}`. `routing` is the routing section, `probe` applies to every provider and
+    `hedge` to every model (kebab-case keys, as in proxy/config.py).
+    `adapter` is every provider's adapter, or a provider name → adapter map (default: openai).
+    """
     t = {"connect-s": 1.0, "first-byte-s": 2.0, "idle-s": 2.0, "total-s": 10.0, **(timeouts or {})}
-    tree = {
+    tree: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "port": 0, "drain-grace-s": 5.0, **(server or {})},
         "keys": [{"name": "test", "key": KEY}],
         "providers": [
-            {"name": n, "base-url": url, "api-key": f"sk-upstream-{n}", "timeouts": t} for n, url in upstreams.items()
+            {
+                "name": n,
+                "base-url": url,
+                "api-key": f"sk-upstream-{n}",
+                "timeouts": t,
+                **({"probe": probe} if probe is not None else {}),
+                "adapter": (adapter if isinstance(adapter, str) else (adapter or {}).get(n)) or "openai",
+            }
+            for n, url in upstreams.items()
         ],
         "models": [
-            {"name": name, "endpoints": [{"provider": p, "model": m} for p, m in eps]}
+            {
+                "name": name,
+                "endpoints": [
+                    {"provider": e[0], "model": e[1], **({"price": e[2]} if len(e) > 2 else {})}  # type: ignore[misc]
+                    for e in eps
+                ],
+                **({"hedge": hedge} if hedge is not None else {}),
+            }
             for name, eps in (models or {"test/gpt-4o-mini": [(n, "gpt-4o-mini") for n in upstreams]}).items()
         ],
     }
+    if routing is not None:
+        tree["routing"] = routing
     return parse(yaml.safe_dump(tree), "yaml", env={})
 
 
