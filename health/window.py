@@ -261,6 +261,7 @@ class EndpointHealth:
 
     __slots__ = (
         "_at",
+        "_born",
         "_clock",
         "_decay_s",
         "_default_rtt_s",
@@ -294,6 +295,7 @@ class EndpointHealth:
         self.consecutive_failures = 0
         self._est = default_rtt_s  # Peak-EWMA of TTFB as of `_at`
         self._at: float | None = None  # time of the last sample; None: no sample yet, use the default
+        self._born = clock()  # the default estimate decays from here
         self.last_probe_s: float | None = None
         self.last_probe_at: float | None = None
 
@@ -355,11 +357,13 @@ class EndpointHealth:
             self._est, self._at = s, now
 
     def peak_ewma(self, now: float | None = None) -> float:
-        """TTFB estimate in seconds: the default until the first sample, then decaying toward zero when idle."""
-        if self._at is None:
-            return self._default_rtt_s
+        """TTFB estimate in seconds, decaying toward zero while no sample comes. Before the first sample the
+        default decays from the endpoint's creation the same way: an endpoint that never won a pick (a new
+        one among fast ones) becomes cheap enough to be tried and measured, instead of being starved."""
         if now is None:
             now = self._clock()
+        if self._at is None:
+            return self._default_rtt_s * math.exp((self._born - now) / self._decay_s)
         return self._est * math.exp((self._at - now) / self._decay_s)
 
     def cost(self) -> float:

@@ -64,6 +64,8 @@ def prefix_key(body: bytes, prefix_bytes: int) -> bytes | None:
     two requests agreeing on their first `prefix_bytes` get the same key, so a long conversation keeps its key
     from turn to turn. A body that is not a chat request (or not JSON) has no key: affinity is only a hint.
     """
+    if len(body) < MIN_PREFIX_BYTES:  # a prefix can't be longer than the body: skip the decode
+        return None
     try:
         doc = _decode_prefix(body)
     except msgspec.DecodeError:  # ValidationError included

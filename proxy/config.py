@@ -78,6 +78,7 @@ class HedgeConfig(Base):
     min_s: PositiveFloat = 0.25  # never hedge sooner: below this a second attempt is mostly waste
     max_s: PositiveFloat = 10.0  # never wait longer than this for a first token before hedging
     budget: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.05  # share of requests that may be hedged
+    non_streamed: bool = False  # hedge non-streamed requests too (time to first token matters most in streams)
 
 
 class ModelConfig(Base):

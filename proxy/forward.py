@@ -128,7 +128,7 @@ class Forwarder:
             if affinity_key is not None:
                 _stick(plan, self.affinity.get(route.name, affinity_key))
         self.retries.deposit()
-        hedge_delay = self._hedge_delay(route, plan, request.headers)
+        hedge_delay = self._hedge_delay(route, plan, request.headers, view.stream)
         if hedge_delay is not None:
             self._hedge_budget(route).deposit()  # the budget is a share of the requests that could hedge
         run = Attempts()
@@ -199,12 +199,18 @@ class Forwarder:
             c.resp.release()  # no-op after a clean end; closes the upstream connection otherwise
             self.monitor.record(c.ep, outcome, c.ttfb, self.clock() - c.started, tokens)
 
-    def _hedge_delay(self, route: ModelRoute, plan: list[Endpoint], headers: Mapping[str, str]) -> float | None:
+    def _hedge_delay(
+        self, route: ModelRoute, plan: list[Endpoint], headers: Mapping[str, str], stream: bool
+    ) -> float | None:
         """Seconds to wait for a first token before hedging, or None for no hedge."""
         h = route.hedge
-        if len(plan) < 2 or not h.enabled or len({ep.provider for ep in plan}) < 2:
+        if len(plan) < 2 or not h.enabled:
             return None
         asked = headers.get(HEDGE_REQUEST_HEADER)
+        if asked is None and not stream and not h.non_streamed:
+            return None  # arming a hedge costs a task per request; by default only streams pay it
+        if len({ep.provider for ep in plan}) < 2:
+            return None
         if asked is not None:
             if asked.lower() == "off":
                 return None

@@ -144,14 +144,25 @@ class Router:
     def _p2c(self, eps: tuple[Endpoint, ...]) -> list[Endpoint]:
         """Two weighted-random picks, keep the cheaper; the rest follow by cost as failover candidates."""
         rng = self.rng
-        weights = [e.weight for e in eps]
-        a, b = rng.choices(range(len(eps)), weights, k=2)
-        if a == b:
-            b = (a + 1 + rng.randrange(len(eps) - 1)) % len(eps)
-        ea, eb = eps[a], eps[b]
-        first = ea if ea.health.cost() / ea.weight <= eb.health.cost() / eb.weight else eb
-        rest = sorted((e for e in eps if e is not first), key=lambda e: e.health.cost() / e.weight)
-        return [first, *rest]
+        n = len(eps)
+        if self._equal_weights(eps):
+            a = int(rng.random() * n)
+            b = (a + 1 + int(rng.random() * (n - 1))) % n
+        else:
+            a, b = rng.choices(range(n), [e.weight for e in eps], k=2)
+            if a == b:
+                b = (a + 1 + int(rng.random() * (n - 1))) % n
+        costs = [e.health.cost() / e.weight for e in eps]  # each once: cost() reads the clock
+        first = a if costs[a] <= costs[b] else b
+        if n == 2:
+            return [eps[first], eps[1 - first]]
+        rest = sorted(range(n), key=costs.__getitem__)
+        return [eps[first], *(eps[i] for i in rest if i != first)]
+
+    @staticmethod
+    def _equal_weights(eps: tuple[Endpoint, ...]) -> bool:
+        w = eps[0].weight
+        return all(e.weight == w for e in eps)
 
     def _filtered(self, route: ModelRoute, prefs: ProviderPrefs, sort: Sort | None) -> list[Endpoint]:
         eps = self._order(route, sort)

@@ -290,7 +290,7 @@ async def test_stream_error_before_first_token_fails_over(upstreams, gateway, ht
 
 # --- hedging --------------------------------------------------------------------------------------------------
 
-HEDGE = {"delay-s": 0.2, "budget": 1.0}
+HEDGE = {"delay-s": 0.2, "budget": 1.0, "non-streamed": True}
 
 
 async def test_hedge_fires_only_after_the_delay(upstreams, gateway, http):
@@ -346,7 +346,7 @@ async def test_first_attempt_answering_first_wins_the_race_and_the_hedge_is_clos
 async def test_hedges_stay_within_budget(upstreams, gateway, http):
     f = await upstreams("slow", "fast")
     f["slow"].script(Script(delay_s=0.25))
-    gw = await gateway(gateway_config(urls(f), hedge={"delay-s": 0.05, "budget": 0.1}))
+    gw = await gateway(gateway_config(urls(f), hedge={"delay-s": 0.05, "budget": 0.1, "non-streamed": True}))
     n, hedged = 50, 0
     for _ in range(n // 10):  # waves of 10 concurrent requests: the budget holds under concurrency too
         results = await asyncio.gather(
@@ -361,7 +361,7 @@ async def test_hedges_stay_within_budget(upstreams, gateway, http):
 async def test_no_hedge_when_header_says_off(upstreams, gateway, http):
     f = await upstreams("slow", "fast")
     f["slow"].script(Script(delay_s=0.4))
-    gw = await gateway(gateway_config(urls(f), hedge={"delay-s": 0.05, "budget": 1.0}))
+    gw = await gateway(gateway_config(urls(f), hedge={"delay-s": 0.05, "budget": 1.0, "non-streamed": True}))
     status, headers, _ = await post(
         http, gw.v1 + "/chat/completions", ordered("slow", "fast"), {"X-Hedgerow-Hedge": "off"}
     )
@@ -390,6 +390,15 @@ async def test_model_with_hedging_disabled_is_never_hedged(upstreams, gateway, h
         status, headers, _ = await post(http, gw.v1 + "/chat/completions", ordered("slow", "fast"), extra)
         assert status == 200 and headers["X-Hedgerow-Provider"] == "slow"
         assert "X-Hedgerow-Hedged" not in headers
+    assert posts(f["fast"]) == 0
+
+
+async def test_non_streamed_requests_are_not_hedged_unless_configured(upstreams, gateway, http):
+    f = await upstreams("slow", "fast")
+    f["slow"].script(Script(delay_s=0.3))
+    gw = await gateway(gateway_config(urls(f), hedge={"delay-s": 0.05, "budget": 1.0}))  # non-streamed: false
+    status, headers, _ = await post(http, gw.v1 + "/chat/completions", ordered("slow", "fast"))
+    assert status == 200 and headers["X-Hedgerow-Provider"] == "slow" and "X-Hedgerow-Hedged" not in headers
     assert posts(f["fast"]) == 0
 
 

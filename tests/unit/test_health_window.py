@@ -43,11 +43,13 @@ def fail(h: EndpointHealth, outcome: Outcome = Outcome.SERVER_ERROR, total: floa
     h.finish(outcome, None, total)
 
 
-def test_peak_ewma_starts_at_the_default_rtt_until_the_first_sample():
+def test_peak_ewma_starts_at_the_default_rtt_which_decays_until_the_first_sample():
     clock = FakeClock()
-    h = EndpointHealth(clock, default_rtt_s=0.7)
-    clock.advance(100)
-    assert h.peak_ewma() == 0.7  # the default does not decay: an unmeasured endpoint is not free
+    h = EndpointHealth(clock, default_rtt_s=0.7, decay_s=10.0)
+    assert h.peak_ewma() == pytest.approx(0.7)
+    clock.advance(20)
+    # An endpoint never picked must not be starved forever behind fast ones: its default decays too.
+    assert h.peak_ewma() == pytest.approx(0.7 * math.exp(-2.0))
     ok(h, 0.2)
     assert h.peak_ewma() == pytest.approx(0.2)
 
