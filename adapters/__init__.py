@@ -3,6 +3,7 @@
 from adapters.anthropic import AnthropicAdapter
 from adapters.azure import AzureOpenAIAdapter
 from adapters.base import Adapter
+from adapters.bedrock import BedrockAdapter
 from adapters.gemini import GeminiAdapter
 from adapters.openai import OpenAIAdapter
 
@@ -10,5 +11,6 @@ REGISTRY: dict[str, type[Adapter]] = {
     "openai": OpenAIAdapter,  # OpenAI and the compatible family (Groq, Together, vLLM, Ollama, …): data only
     "anthropic": AnthropicAdapter,
     "azure": AzureOpenAIAdapter,
+    "bedrock": BedrockAdapter,  # AWS Converse; needs the `bedrock` extra (botocore)
     "gemini": GeminiAdapter,
 }

@@ -13,7 +13,10 @@ from benchmarks.scenarios import SCENARIOS, Options
 
 
 def main(argv: list[str] | None = None) -> int:
-    listing = "\n".join(f"  {name:<10} " + s.summary.replace("\n", "\n" + " " * 13) for name, s in SCENARIOS.items())
+    width = max(map(len, SCENARIOS))
+    listing = "\n".join(
+        f"  {name:<{width}} " + s.summary.replace("\n", "\n" + " " * (width + 3)) for name, s in SCENARIOS.items()
+    )
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="Hedgerow benchmarks, on loopback, each component in its own process.",

@@ -1,9 +1,15 @@
-"""A fake OpenAI provider that is never the bottleneck.
+"""A fake OpenAI (or Anthropic, or Gemini) provider that is never the bottleneck.
 
 Benchmarks measure what a proxy adds on top of its upstream, so the upstream must cost next to nothing: a bare
 asyncio.Protocol with httptools (llhttp) parsing requests on uvloop, answering with bytes prebuilt at start.
 It serves the very fixture files the tests use (tests/fixtures/openai/): one source of truth for what an
 OpenAI response looks like, and the bytes a relayed stream is checked against.
+
+`--format anthropic|gemini` serves tests/fixtures/<format>/ (stream_ok.sse, chat_ok.json) at that provider's
+paths instead, for gateways whose adapter transcodes: Anthropic `POST /v1/messages` (streamed when the body
+says `"stream":true`), `GET /v1/models`; Gemini `POST /v1beta/models/{model}:generateContent` and
+`:streamGenerateContent` (any model; the verb after the colon picks the answer), `GET /v1beta/models`. The
+request body is never parsed, so any body will do. The OpenAI format (the default) is served as before.
 
 Fault injection, for the routing scenarios: a share of the POST requests (the generation routes; GETs such as
 `/v1/models`, which health probes and readiness checks use, always succeed) can be slow (`--slow-share`: the
@@ -13,8 +19,8 @@ draw per request from a seeded RNG (`--seed`), so a run is reproducible given th
 `GET /stats` answers what was served: `{"requests", "slow", "failed", "reset", "gets"}` (requests = POSTs;
 /stats itself is not counted).
 
-Run: python -m benchmarks.fake_upstream --port 18001 [--ttft-ms 0] [--ttft-jitter-ms 0] [--chunk-gap-ms 0]
-     [--slow-share 0 --slow-ms 2000] [--fail-share 0] [--reset-share 0] [--seed 1]
+Run: python -m benchmarks.fake_upstream --port 18001 [--format openai] [--ttft-ms 0] [--ttft-jitter-ms 0]
+     [--chunk-gap-ms 0] [--slow-share 0 --slow-ms 2000] [--fail-share 0] [--reset-share 0] [--seed 1]
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import argparse
 import asyncio
 import json
 import random
+import re
 import signal
 import sys
 from pathlib import Path
@@ -31,15 +38,23 @@ from typing import cast
 import httptools
 import uvloop
 
-FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "openai"
+FIXTURES_ROOT = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+FIXTURES = FIXTURES_ROOT / "openai"
+FORMATS = ("openai", "anthropic", "gemini")
 CHAT_PATH = b"/v1/chat/completions"
+ANTHROPIC_PATH = b"/v1/messages"
+GEMINI_PREFIX = b"/v1beta/models/"
 STATS_PATH = b"/stats"
 _OK, _SLOW, _FAIL, _RESET = 0, 1, 2, 3
 
 
+_EVENT = re.compile(rb".*?(?:\r\n\r\n|\n\n)", re.DOTALL)
+
+
 def sse_events(raw: bytes) -> list[bytes]:
-    """Split an SSE body into its events, each keeping its blank-line terminator."""
-    events = [event + b"\n\n" for event in raw.split(b"\n\n") if event]
+    """Split an SSE body into its events, each keeping its blank-line terminator (`\\n\\n`, or `\\r\\n\\r\\n` as
+    Gemini sends)."""
+    events = _EVENT.findall(raw)
     if b"".join(events) != raw:
         raise ValueError("SSE fixture must be events each ending in a blank line")
     return events
@@ -49,20 +64,63 @@ def _response(body: bytes, content_type: bytes = b"application/json", status: by
     return b"HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s" % (status, content_type, len(body), body)
 
 
-class Routes:
-    """Every response as wire bytes, built once, so serving one is a dict lookup and a write."""
+# What the non-OpenAI formats answer where they have no fixture: a model list (health probes GET it) and the
+# provider's own shape of a 500 (for --fail-share).
+_MODELS = {
+    "anthropic": b'{"data":[{"type":"model","id":"claude-sonnet-4-20250514","display_name":"Claude Sonnet 4",'
+    b'"created_at":"2025-05-22T00:00:00Z"}],"has_more":false,"first_id":"claude-sonnet-4-20250514",'
+    b'"last_id":"claude-sonnet-4-20250514"}',
+    "gemini": b'{"models":[{"name":"models/gemini-2.5-flash","displayName":"Gemini 2.5 Flash",'
+    b'"supportedGenerationMethods":["generateContent","countTokens"]}]}',
+}
+_SERVER_ERROR = {
+    "anthropic": b'{"type":"error","error":{"type":"api_error","message":"Internal server error"}}',
+    "gemini": b'{"error":{"code":500,"message":"An internal error has occurred.","status":"INTERNAL"}}',
+}
 
-    def __init__(self, fixtures: Path = FIXTURES) -> None:
+
+class Routes:
+    """Every response as wire bytes, built once, so serving one is a dict lookup and a write.
+
+    `stream_path`: POSTs to it stream (OpenAI, Anthropic: only when the body asks, `stream_by_body`).
+    `verb_paths` (Gemini): the model is in the path, so a POST's path is looked up as its `:verb` alone."""
+
+    def __init__(self, fixtures: Path = FIXTURES, fmt: str = "openai") -> None:
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown format {fmt!r} (known: {', '.join(FORMATS)})")
+        if fixtures == FIXTURES and fmt != "openai":
+            fixtures = FIXTURES_ROOT / fmt
+
         def fixture(name: str) -> bytes:
             return _response((fixtures / name).read_bytes())
 
-        self.fixed: dict[tuple[bytes, bytes], bytes] = {
-            (b"POST", CHAT_PATH): fixture("chat_ok.json"),
-            (b"POST", b"/v1/completions"): fixture("completion_ok.json"),
-            (b"POST", b"/v1/embeddings"): fixture("embeddings_ok.json"),
-            (b"GET", b"/v1/models"): fixture("models_ok.json"),
-        }
-        self.server_error = _response((fixtures / "chat_500.json").read_bytes(), status=b"500 Internal Server Error")
+        self.format = fmt
+        self.stream_by_body = fmt != "gemini"
+        self.verb_paths = fmt == "gemini"
+        if fmt == "openai":
+            self.stream_path = CHAT_PATH
+            self.fixed: dict[tuple[bytes, bytes], bytes] = {
+                (b"POST", CHAT_PATH): fixture("chat_ok.json"),
+                (b"POST", b"/v1/completions"): fixture("completion_ok.json"),
+                (b"POST", b"/v1/embeddings"): fixture("embeddings_ok.json"),
+                (b"GET", b"/v1/models"): fixture("models_ok.json"),
+            }
+            server_error = (fixtures / "chat_500.json").read_bytes()
+        elif fmt == "anthropic":
+            self.stream_path = ANTHROPIC_PATH
+            self.fixed = {
+                (b"POST", ANTHROPIC_PATH): fixture("chat_ok.json"),
+                (b"GET", b"/v1/models"): _response(_MODELS[fmt]),
+            }
+            server_error = _SERVER_ERROR[fmt]
+        else:
+            self.stream_path = b":streamGenerateContent"
+            self.fixed = {
+                (b"POST", b":generateContent"): fixture("chat_ok.json"),
+                (b"GET", GEMINI_PREFIX.rstrip(b"/")): _response(_MODELS[fmt]),
+            }
+            server_error = _SERVER_ERROR[fmt]
+        self.server_error = _response(server_error, status=b"500 Internal Server Error")
         self.not_found = _response(
             b'{"error":{"message":"no such route","type":"invalid_request_error"}}', status=b"404 Not Found"
         )
@@ -184,10 +242,19 @@ class FakeOpenAI(asyncio.Protocol):
             return
         else:
             faults.counts["gets"] += 1
-        if method == b"POST" and path == CHAT_PATH and _wants_stream(b"".join(self._body)):
-            parts = [self._routes.stream_head, *self._routes.stream_chunks]
+        routes = self._routes
+        if routes.verb_paths and method == b"POST" and path.startswith(GEMINI_PREFIX):
+            colon = path.rfind(b":")
+            if colon != -1:
+                path = path[colon:]  # models/{model}:verb → :verb; without a verb the path stays, a 404
+        if (
+            method == b"POST"
+            and path == routes.stream_path
+            and (not routes.stream_by_body or _wants_stream(b"".join(self._body)))
+        ):
+            parts = [routes.stream_head, *routes.stream_chunks]
         else:
-            parts = [self._routes.fixed.get((method, path), self._routes.not_found)]
+            parts = [routes.fixed.get((method, path), routes.not_found)]
         self._send(parts, keep_alive, ttft_s)
 
     def _send(self, parts: list[bytes], keep_alive: bool, ttft_s: float) -> None:
@@ -228,9 +295,9 @@ def _wants_stream(body: bytes) -> bool:
     return b'"stream":true' in body or b'"stream": true' in body
 
 
-async def serve(host: str, port: int, faults: Faults, gap_ms: float) -> None:
+async def serve(host: str, port: int, faults: Faults, gap_ms: float, fmt: str = "openai") -> None:
     loop = asyncio.get_running_loop()
-    routes = Routes()
+    routes = Routes(fmt=fmt)
     server = await loop.create_server(
         lambda: FakeOpenAI(routes, faults, gap_ms / 1000), host, port, backlog=4096, reuse_address=True
     )
@@ -238,7 +305,7 @@ async def serve(host: str, port: int, faults: Faults, gap_ms: float) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     bound = server.sockets[0].getsockname()[1]
-    print(f"fake upstream on http://{host}:{bound}", file=sys.stderr, flush=True)
+    print(f"fake {fmt} upstream on http://{host}:{bound}", file=sys.stderr, flush=True)
     async with server:
         await stop.wait()
 
@@ -247,6 +314,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.fake_upstream", description=__doc__.split("\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True, help="0 picks a free port (printed on stderr)")
+    parser.add_argument(
+        "--format", choices=FORMATS, default="openai", help="wire format served: tests/fixtures/<format>/ at its paths"
+    )
     parser.add_argument("--ttft-ms", type=float, default=0.0, help="delay before the response head and first event")
     parser.add_argument("--ttft-jitter-ms", type=float, default=0.0, help="plus a uniform 0..this, per request")
     parser.add_argument("--chunk-gap-ms", type=float, default=0.0, help="delay between stream events")
@@ -268,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     except ValueError as e:
         parser.error(str(e))
-    uvloop.run(serve(args.host, args.port, faults, args.chunk_gap_ms))
+    uvloop.run(serve(args.host, args.port, faults, args.chunk_gap_ms, args.format))
 
 
 if __name__ == "__main__":

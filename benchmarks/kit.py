@@ -61,11 +61,24 @@ def start_upstream(name: str, port: int, args: Sequence[str], plan: CpuPlan, log
     return Upstream(name, port, service)
 
 
-def gateway_config(port: int, providers: Sequence[tuple[str, int]], hedge: str | None = None) -> str:
+def gateway_config(
+    port: int,
+    providers: Sequence[tuple[str, int]],
+    hedge: str | None = None,
+    *,
+    adapter: str = "openai",
+    base_path: str = "/v1",
+    upstream_model: str = UPSTREAM_MODEL,
+) -> str:
     """One key, one provider per (name, upstream port), one model `fake/gpt-4o-mini` with an endpoint on
-    each. `hedge` is the model's `hedge:` mapping in YAML flow style (None: the defaults)."""
-    lines = "\n".join(f'  - {{name: {name}, base-url: "http://127.0.0.1:{up}/v1"}}' for name, up in providers)
-    endpoints = ", ".join(f"{{provider: {name}, model: {UPSTREAM_MODEL}}}" for name, _ in providers)
+    each. `hedge` is the model's `hedge:` mapping in YAML flow style (None: the defaults). `adapter`,
+    `base_path` (of the base-url) and `upstream_model` for providers of another wire format (e.g. gemini,
+    "/v1beta", "gemini-2.5-flash")."""
+    wire = "" if adapter == "openai" else f", adapter: {adapter}"
+    lines = "\n".join(
+        f'  - {{name: {name}{wire}, base-url: "http://127.0.0.1:{up}{base_path}"}}' for name, up in providers
+    )
+    endpoints = ", ".join(f"{{provider: {name}, model: {upstream_model}}}" for name, _ in providers)
     text = (
         f"server: {{host: 127.0.0.1, port: {port}}}\n"
         f"keys:\n  - {{name: bench, key: {GATEWAY_KEY}}}\n"

@@ -18,6 +18,7 @@ import asyncio
 import ipaddress
 import json
 import math
+import re
 import resource
 import time
 from collections import Counter
@@ -47,6 +48,7 @@ class LoadSpec:
     model: str = "gpt-4o-mini"
     key: str | None = None
     expect: bytes | None = None  # every response body must equal these bytes
+    expect_re: re.Pattern[bytes] | None = None  # every response body must match this pattern, whole
     timeout_s: float = 10.0  # per request, connection wait included
     count_headers: tuple[str, ...] = ()  # response headers whose values are counted (any status)
     over_ms: tuple[float, ...] = ()  # count successful responses with latency (and TTFB) at or above these
@@ -194,8 +196,11 @@ class _Pool:
 
 
 class _Recorder:
-    def __init__(self, expect: bytes | None, count_headers: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, expect: bytes | None, count_headers: tuple[str, ...] = (), expect_re: re.Pattern[bytes] | None = None
+    ) -> None:
         self.expect = expect
+        self.expect_re = expect_re
         self.count_headers = [(n, n.lower().encode()) for n in count_headers]
         self.header_counts: dict[str, Counter[str]] = {n: Counter() for n in count_headers}
         self.latency_ns: list[int] = []
@@ -214,6 +219,8 @@ class _Recorder:
         self.latency_ns.append(conn.done_ns - start_ns)
         self.ttfb_ns.append((conn.first_body_ns or conn.done_ns) - start_ns)
         if self.expect is not None and b"".join(conn.body) != self.expect:
+            self.mismatches += 1
+        elif self.expect_re is not None and self.expect_re.fullmatch(b"".join(conn.body)) is None:
             self.mismatches += 1
 
 
@@ -295,7 +302,7 @@ async def run(spec: LoadSpec) -> dict[str, Any]:
     request = build_request(host, port, path, chat_body(spec.model, spec.stream), spec.key)
     cap = spec.concurrency if spec.mode == "closed" else spec.max_connections
     pool = _Pool(host, port, cap, _conn_class(spec.count_headers))
-    rec = _Recorder(spec.expect, spec.count_headers)
+    rec = _Recorder(spec.expect, spec.count_headers, spec.expect_re)
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     try:
         loop_fn = _open_loop if spec.mode == "open" else _closed_loop
@@ -337,7 +344,7 @@ async def run(spec: LoadSpec) -> dict[str, Any]:
         result["ttfb_p99"] = _pct(ttfb, 0.99)
         result["ttfb_p999"] = _pct(ttfb, 0.999)
         result["ttfb_max"] = _pct(ttfb, 1.0)
-    if spec.expect is not None:
+    if spec.expect is not None or spec.expect_re is not None:
         result["mismatches"] = rec.mismatches
     if spec.count_headers:
         result["headers"] = {name: dict(sorted(c.items())) for name, c in rec.header_counts.items()}
@@ -366,6 +373,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="gpt-4o-mini")
     parser.add_argument("--key", help="sent as Authorization: Bearer KEY")
     parser.add_argument("--expect", type=Path, help="file whose bytes every response body must equal")
+    parser.add_argument(
+        "--expect-regex",
+        type=Path,
+        metavar="FILE",
+        help="file holding a regular expression every response body must match whole (e.g. a transcoded stream "
+        "with its timestamps left open)",
+    )
     parser.add_argument("--timeout", type=float, default=10.0, help="per-request timeout, seconds")
     parser.add_argument(
         "--count-header",
@@ -396,6 +410,7 @@ def main(argv: list[str] | None = None) -> None:
         model=args.model,
         key=args.key,
         expect=args.expect.read_bytes() if args.expect else None,
+        expect_re=re.compile(args.expect_regex.read_bytes(), re.DOTALL) if args.expect_regex else None,
         timeout_s=args.timeout,
         count_headers=tuple(args.count_header),
         over_ms=tuple(args.count_over_ms),

@@ -54,7 +54,7 @@ TESTS = ("nonstream", "stream", "closed")
 STREAM_FIXTURE = FIXTURES / "stream_ok.sse"
 
 GATEWAY_CONFIG = """\
-server: {{host: 127.0.0.1, port: {port}}}
+server: {{host: 127.0.0.1, port: {port}, engine: {engine}}}
 keys:
   - {{name: bench, key: {key}}}
 providers:
@@ -161,6 +161,7 @@ def _start(tmp: Path, plan: CpuPlan, services: list[Service]) -> tuple[list[Targ
             upstream_port=up_port,
             model=GATEWAY_MODEL,
             upstream_model=UPSTREAM_MODEL,
+            engine=os.environ.get("HEDGEROW_BENCH_ENGINE", "aiohttp"),  # the gateway's HTTP server engine
         )
     )
     gateway = Service("gateway", ["-m", "proxy", "serve", "--config", str(config), "--workers", "1"], plan.proxy, tmp)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks import failover, hedging, overhead, routing
+from benchmarks import failover, hedging, overhead, routing, transcoding
 
 
 @dataclass(frozen=True)
@@ -56,5 +56,14 @@ SCENARIOS: dict[str, Scenario] = {
             "Router.plan + Monitor.record (default: 200 req/s, 7 rounds × 2 s; ~3 min)"
         ),
         run=routing.run,
+    ),
+    "transcoding": Scenario(
+        summary=(
+            "what translating provider wire formats costs: in process per transcoding adapter (events/s\n"
+            "fed per event and whole, parse_response, request_body; baselines: OpenAI passthrough, the\n"
+            "framing alone), then stream TTFB and req/s of anthropic and gemini gateways vs an openai\n"
+            "(passthrough) gateway (default: 200 req/s, 5 rounds × 2 s; ~3 min)"
+        ),
+        run=transcoding.run,
     ),
 }

@@ -38,7 +38,8 @@ async def _probe_once(client: UpstreamClient, ep: Endpoint, kind: str) -> tuple[
         body = ep.adapter.request_body(ping, ep.model, ep.model, False)
     started = loop.time()
     try:
-        resp = await client.send(target, body)
+        sign = getattr(ep.adapter, "sign", None)  # SigV4 (Bedrock): per-request headers, as in proxy/attempt.py
+        resp = await client.send(target, body, None if sign is None else sign(target, body))
         await resp.read(_PROBE_BODY_LIMIT)
         return outcome_for_status(resp.status), loop.time() - started
     except GatewayError as e:
@@ -56,6 +57,8 @@ async def probe_provider(
 ) -> None:
     """Probe until cancelled. `models` probes once for the provider; `chat` probes each endpoint."""
     cfg = provider.probe
+    if cfg.kind == "models" and endpoints and endpoints[0].adapter.target("models", endpoints[0].model) is None:
+        return  # no model list to ask (Bedrock): an "OK" would readmit ejected endpoints without checking them
     while True:
         interval = cfg.ejected_interval_s if monitor.any_ejected(provider.name) else cfg.interval_s
         await asyncio.sleep(interval * (1 + cfg.jitter * rng.uniform(-1, 1)))

@@ -4,16 +4,24 @@ A non-streamed attempt commits with its whole body. A stream commits at its firs
 tool call, reasoning, refusal, a finish reason or `[DONE]`): role-only and keep-alive frames before it are
 held back, so a provider that errors or stalls early can still be failed over or out-hedged. The held bytes
 are relayed unchanged once committed.
+
+A `Front` serves a client API other than OpenAI's over the same attempts (proxy/messages.py: Anthropic's
+Messages API). Per endpoint it either passes the client's bytes through (the endpoint speaks the client's
+format: no translation either way) or reaches it through OpenAI chat and reshapes the adapter's OpenAI output
+for the client; the commit point is then judged on what the client would receive. Without a front (every
+OpenAI route) none of this runs.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import re
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import ClassVar, Protocol
 
 import msgspec
 
-from adapters.base import Adapter, transcoded
+from adapters.base import Transcoder, transcoded
 from health.monitor import Monitor
 from health.window import Outcome
 from proxy.errors import (
@@ -44,6 +52,41 @@ def outcome_of(err: BaseException) -> Outcome:
     if isinstance(err, asyncio.CancelledError):
         return Outcome.CANCELLED
     return Outcome.PROTOCOL
+
+
+class Front(Protocol):
+    """A client API served over OpenAI-shaped attempts; see the module docstring. Built per request."""
+
+    kind: ClassVar[str]  # the client's API, e.g. "messages": keeps its cached answers apart from chat's
+    tokens: ClassVar[re.Pattern[bytes]]  # finds the output token count in the tail of the client's stream
+
+    def native(self, ep: Endpoint) -> bool:
+        """True: the endpoint speaks the client's format; its answer goes back as received."""
+        ...
+
+    def request(self, ep: Endpoint, strip: bool) -> tuple[bytes, Mapping[str, str] | None]:
+        """The body for this endpoint (`strip`: drop gateway-only fields), and headers to add (or None)."""
+        ...
+
+    def response(self, body: bytes) -> bytes:
+        """A non-native endpoint's OpenAI chat.completion body in the client's format."""
+        ...
+
+    def error_body(self, status: int, body: bytes) -> bytes:
+        """A relayed OpenAI-shaped error body (non-native endpoints) in the client's format."""
+        ...
+
+    def transcoder(self) -> Transcoder:
+        """Per stream: OpenAI chat SSE → the client's SSE (non-native endpoints)."""
+        ...
+
+    def classify(self, event: bytes) -> int:
+        """`classify_event` for one event of the client's stream format."""
+        ...
+
+    def sse_error(self, err: GatewayError) -> bytes:
+        """The event that ends the client's stream after a failure (GatewayError.sse_event for OpenAI)."""
+        ...
 
 
 class Committed:
@@ -116,14 +159,62 @@ def classify_event(event: bytes) -> int:
     return _NOTHING
 
 
+class _MessagesDelta(msgspec.Struct, gc=False):
+    stop_reason: str | None = None  # message_delta's; content_block_delta's other fields are not needed
+
+
+class _MessagesBlock(msgspec.Struct, gc=False):
+    type: str = ""
+    text: str = ""
+    thinking: str = ""
+
+
+class _MessagesEvent(msgspec.Struct, gc=False):
+    type: str = ""
+    delta: _MessagesDelta | None = None
+    content_block: _MessagesBlock | None = None
+
+
+_decode_messages_event = msgspec.json.Decoder(_MessagesEvent).decode
+_EMPTY_BLOCKS = ("text", "thinking")  # a block start of these types carries no content unless it has text
+
+
+def classify_messages_event(event: bytes) -> int:
+    """classify_event for Anthropic's Messages stream. Content: any content_block_delta, a content block start
+    that is not an empty text or thinking block (a tool_use start already names the tool), a message_delta
+    with a stop reason, message_stop. An `error` event before then fails over, as OpenAI's error chunk does;
+    message_start and ping are held like OpenAI's role chunk."""
+    for line in event.splitlines():
+        if not line.startswith(b"data:"):
+            continue  # `event:` (the data repeats the type), comments
+        try:
+            ev = _decode_messages_event(line[5:].strip())
+        except msgspec.DecodeError:
+            return _ERROR
+        kind = ev.type
+        if kind == "content_block_delta" or kind == "message_stop":
+            return _CONTENT
+        if kind == "content_block_start":
+            b = ev.content_block
+            if b is not None and (b.type not in _EMPTY_BLOCKS or b.text or b.thinking):
+                return _CONTENT
+        elif kind == "message_delta":
+            if ev.delta is not None and ev.delta.stop_reason:
+                return _CONTENT
+        elif kind == "error":
+            return _ERROR
+    return _NOTHING
+
+
 def _is_stream(ctype: str) -> bool:
     # text/event-stream for SSE; AWS's binary event stream for Bedrock's ConverseStream
     return ctype.startswith(("text/event-stream", "application/vnd.amazon.eventstream"))
 
 
-def _parse(adapter: Adapter, data: bytes, ep: Endpoint) -> bytes:
+def _parse(parse: Callable[..., bytes], data: bytes, ep: Endpoint, *args: str) -> bytes:
+    """`parse(data, *args)`: an adapter's (or a front's) reading of a success body; garbage fails over."""
     try:
-        return adapter.parse_response(data, ep.model)
+        return parse(data, *args)
     except (msgspec.MsgspecError, ValueError, KeyError, TypeError) as e:
         raise UpstreamProtocolError(
             f"upstream {ep.provider} sent a body its adapter cannot read ({type(e).__name__}: {e})",
@@ -131,7 +222,9 @@ def _parse(adapter: Adapter, data: bytes, ep: Endpoint) -> bytes:
         ) from None
 
 
-async def _first_content(chunks: AsyncIterator[bytes], committed: Committed) -> None:
+async def _first_content(
+    chunks: AsyncIterator[bytes], committed: Committed, classify: Callable[[bytes], int] = classify_event
+) -> None:
     """Read the stream until its first content event; keep what was read in `committed.prefix`."""
     it = chunks.__aiter__()
     buf = bytearray()
@@ -143,7 +236,7 @@ async def _first_content(chunks: AsyncIterator[bytes], committed: Committed) -> 
             break  # ended before any content: relay what there is (the client sees the upstream's own end)
         buf += data
         while (end := buf.find(b"\n\n", scanned)) != -1:
-            verdict = classify_event(bytes(buf[scanned:end]))
+            verdict = classify(bytes(buf[scanned:end]))
             scanned = end + 2
             if verdict == _CONTENT:
                 committed.prefix = bytes(buf)
@@ -170,6 +263,7 @@ async def run_attempt(
     stream: bool,
     deadline: float,
     max_response_bytes: int,
+    front: Front | None = None,
 ) -> Committed:
     """Send one attempt and run it to its commit point, recording its start in the endpoint's health.
 
@@ -183,17 +277,36 @@ async def run_attempt(
     started = loop.time()
     ep.health.start()
     resp: UpstreamResponse | None = None
+    translate = not adapter.passthrough  # the adapter's own translation, provider format ⇄ OpenAI
+    reshape: Front | None = None  # a front's translation, OpenAI → the client's format
+    extra: Mapping[str, str] | None = None
     try:
         async with asyncio.timeout_at(deadline):
-            resp = await client.send(target, adapter.request_body(body, public_model, ep.model, strip))
+            if front is None:
+                payload = adapter.request_body(body, public_model, ep.model, strip)
+            else:
+                payload, extra = front.request(ep, strip)
+                if front.native(ep):
+                    translate = False
+                else:
+                    reshape = front
+            # An optional `sign` (Bedrock's SigV4) makes per-request auth headers over these exact bytes.
+            sign = getattr(adapter, "sign", None)
+            signed = None if sign is None else sign(target, payload)  # None: nothing to sign (a Bearer key)
+            if signed:
+                extra = {**extra, **signed} if extra else signed
+            resp = await client.send(target, payload, extra)
             committed = Committed(ep, resp, started)
             if resp.status >= 300:
                 data = await resp.read(max_response_bytes)
                 failure = adapter.classify(resp.status, data, resp.headers)
                 if failure is not None:
                     raise failure
-                if not adapter.passthrough:  # the provider's error shape → OpenAI's
+                if translate:  # the provider's error shape → OpenAI's
                     data = adapter.error_body(resp.status, data)
+                    committed.ctype = "application/json"
+                if reshape is not None:
+                    data = reshape.error_body(resp.status, data)
                     committed.ctype = "application/json"
                 committed.body = data
                 committed.ttfb = loop.time() - started
@@ -201,14 +314,20 @@ async def run_attempt(
             if stream and _is_stream(committed.ctype):
                 first_token = min(deadline, started + target.timeouts.first_token_s)
                 chunks = resp.chunks()
-                if not adapter.passthrough:
+                if translate:
                     tx = adapter.new_transcoder(ep.model)
                     if tx is not None:
                         chunks = transcoded(chunks, tx)
                         committed.ctype = "text/event-stream"
+                if reshape is not None:
+                    chunks = transcoded(chunks, reshape.transcoder())
+                    committed.ctype = "text/event-stream"
                 try:
                     async with asyncio.timeout_at(first_token):
-                        await _first_content(chunks, committed)
+                        if front is None:
+                            await _first_content(chunks, committed)
+                        else:  # judged on what the client will get, native or reshaped
+                            await _first_content(chunks, committed, front.classify)
                 except TimeoutError:
                     if loop.time() >= deadline:
                         raise
@@ -218,8 +337,10 @@ async def run_attempt(
                     ) from None
             else:
                 data = await resp.read(max_response_bytes)
-                committed.body = data if adapter.passthrough else _parse(adapter, data, ep)
-                if not adapter.passthrough:
+                committed.body = _parse(adapter.parse_response, data, ep, ep.model) if translate else data
+                if reshape is not None:
+                    committed.body = _parse(reshape.response, committed.body, ep)
+                if translate or reshape is not None:
                     committed.ctype = "application/json"
             committed.ttfb = loop.time() - started
             return committed

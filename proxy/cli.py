@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help="listen address (overrides server.host)")
     s.add_argument("--port", type=int, help="listen port (overrides server.port)")
     s.add_argument("--workers", type=int, metavar="N", help="worker processes sharing the port (SO_REUSEPORT)")
+    s.add_argument("--engine", choices=["aiohttp", "lean"], help="HTTP server engine (overrides server.engine)")
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     c = sub.add_parser(
@@ -53,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
 
         configure_logging(args.log_level)
         try:
-            cfg = with_server(load(args.config), host=args.host, port=args.port, workers=args.workers)
+            cfg = with_server(
+                load(args.config), host=args.host, port=args.port, workers=args.workers, engine=args.engine
+            )
         except ConfigError as e:
             print("hedgerow: refusing to start, the config has problems:", file=sys.stderr)
             for problem in e.problems:

@@ -113,6 +113,7 @@ class ServerConfig(Base):
     drain_grace_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0  # SIGTERM: time in-flight streams get to end
     max_response_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024 * 1024  # non-streamed upstream body
     upstream_client: Literal["lean", "aiohttp"] = "lean"  # lean: httptools pool for http:// (https → aiohttp)
+    engine: Literal["aiohttp", "lean"] = "aiohttp"  # HTTP server: aiohttp's, or proxy/lean_server (llhttp)
 
 
 class Config(Base):

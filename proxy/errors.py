@@ -9,6 +9,7 @@
     * MethodNotAllowed         405 invalid_request_error
     * RequestTimeout           408 timeout                client too slow sending its request
     * PayloadTooLarge          413 invalid_request_error
+    * HeadersTooLarge          431 invalid_request_error  request head over the server's limit
   * Unavailable                503 service_unavailable    draining, or no endpoint can serve the model
   * UpstreamError              502 upstream_error         counts against the upstream's health
     * UpstreamConnectError     502                        retryable: nothing was sent
@@ -100,6 +101,11 @@ class RequestTimeout(ClientError):
 class PayloadTooLarge(ClientError):
     status = 413
     code = "payload_too_large"
+
+
+class HeadersTooLarge(ClientError):
+    status = 431
+    code = "request_header_fields_too_large"
 
 
 class Unavailable(GatewayError):

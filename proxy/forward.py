@@ -6,6 +6,9 @@
   on a different provider; the first to commit wins and the other is cancelled at once (its connection
   closed). Hedges are capped by a per-model budget.
 - Nothing is retried or hedged after a byte of the answer reached the client.
+- Another client API (`front`, proxy/attempt.py `Front`; /v1/messages) rides on all of this: its requests are
+  planned, cached, hedged and failed over like chat's; only the bytes each attempt sends and what the client
+  receives (bodies, stream, error events) are the front's.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from aiohttp import web
 from health.monitor import Monitor
 from health.window import Outcome
 from proxy.affinity import PrefixAffinity, prefix_key
-from proxy.attempt import Committed, Relay, run_attempt
+from proxy.attempt import Committed, Front, Relay, run_attempt
 from proxy.budget import Budget
 from proxy.cache import BYPASS, CACHE_HEADER, HIT, MISS, ResponseCache, cache_control, cache_key, replay_chunks
 from proxy.config import RoutingConfig
@@ -104,7 +107,14 @@ class Forwarder:
         return self.router.table
 
     async def forward(
-        self, request: web.Request, kind: str, view: _View, body: bytes, gen_id: str, key_name: str
+        self,
+        request: web.Request,
+        kind: str,
+        view: _View,
+        body: bytes,
+        gen_id: str,
+        key_name: str,
+        front: Front | None = None,
     ) -> web.StreamResponse:
         route, plan = self.router.plan(view.model, provider_prefs(view.provider), fallback_models(view.models), body)
         plan = [ep for ep in plan if ep.adapter.target(kind, ep.model, view.stream) is not None]
@@ -114,7 +124,7 @@ class Forwarder:
         store_key = None
         if self.cache is not None and self._wants_cache(route, request.headers):
             lookup, store = cache_control(request.headers.get("Cache-Control"))
-            ckey = cache_key(kind, route.name, body, view.stream, scope=key_name)
+            ckey = cache_key(kind if front is None else front.kind, route.name, body, view.stream, scope=key_name)
             headers[CACHE_HEADER] = BYPASS if ckey is None or not (lookup or store) else MISS
             if ckey is not None and lookup:
                 hit = await self.cache.get(ckey)
@@ -135,16 +145,16 @@ class Forwarder:
         run.candidates = len(plan) if view.provider or view.models else max(len(plan), len(route.endpoints))
         try:
             if hedge_delay is None and not view.stream:
-                await self._sequential(run, kind, view, body, plan)
+                await self._sequential(run, kind, view, body, plan, front)
             else:
-                await self._race(run, request, kind, view, body, route, plan, hedge_delay, headers)
+                await self._race(run, request, kind, view, body, route, plan, hedge_delay, headers, front)
         except Relay as r:
             c = r.committed
             headers[PROVIDER_HEADER] = c.ep.provider
             return _relay(c, headers)
         except GatewayError as e:
             if run.down is not None:  # keep-alives already opened the stream: end it with the error
-                await run.down.write(e.sse_event())
+                await run.down.write(e.sse_event() if front is None else front.sse_error(e))
                 return run.down
             raise
         c = run.committed
@@ -165,7 +175,7 @@ class Forwarder:
                 await run.down.write(c.body)
                 return run.down
             return web.Response(body=c.body, status=c.status, headers=headers)
-        return await self._relay_stream(request, run, c, headers, store_key)
+        return await self._relay_stream(request, run, c, headers, store_key, front)
 
     def _wants_cache(self, route: ModelRoute, headers: Mapping[str, str]) -> bool:
         asked = headers.get(CACHE_REQUEST_HEADER)
@@ -179,7 +189,13 @@ class Forwarder:
         asyncio.get_running_loop().create_task(self.cache.put(key, value))
 
     async def _relay_stream(
-        self, request: web.Request, run: Attempts, c: Committed, headers: dict[str, str], store_key: str | None
+        self,
+        request: web.Request,
+        run: Attempts,
+        c: Committed,
+        headers: dict[str, str],
+        store_key: str | None,
+        front: Front | None,
     ) -> web.StreamResponse:
         assert c.chunks is not None
         outcome, tokens = Outcome.CANCELLED, 0
@@ -191,7 +207,10 @@ class Forwarder:
             if down is None:
                 headers.update(SSE_HEADERS)
                 down = await prepare(request, c.status, headers)
-            outcome, tokens = await pipe(down, c.prefix, c.chunks, deadline, collect)
+            if front is None:
+                outcome, tokens = await pipe(down, c.prefix, c.chunks, deadline, collect)
+            else:
+                outcome, tokens = await pipe(down, c.prefix, c.chunks, deadline, collect, front.sse_error, front.tokens)
             if collect is not None and store_key is not None and outcome == Outcome.OK:
                 self._store(store_key, b"".join(collect))
             return down
@@ -229,7 +248,9 @@ class Forwarder:
             b = self._hedge_budgets[route.name] = Budget(route.hedge.budget, clock=self.clock)
         return b
 
-    async def _sequential(self, run: Attempts, kind: str, view: _View, body: bytes, plan: list[Endpoint]) -> None:
+    async def _sequential(
+        self, run: Attempts, kind: str, view: _View, body: bytes, plan: list[Endpoint], front: Front | None
+    ) -> None:
         """Failover without hedging: one attempt at a time, inline (no task per request)."""
         strip = view.has_gateway_fields()
         last: UpstreamError | None = None
@@ -240,7 +261,7 @@ class Forwarder:
             try:
                 run.committed = await run_attempt(
                     self.client, self.monitor, ep, kind, body, view.model, strip, view.stream,
-                    self._deadline(ep, kind), self.max_response_bytes,
+                    self._deadline(ep, kind), self.max_response_bytes, front,
                 )  # fmt: skip
                 return
             except UpstreamError as e:
@@ -258,6 +279,7 @@ class Forwarder:
         plan: list[Endpoint],
         hedge_delay: float | None,
         headers: dict[str, str],
+        front: Front | None,
     ) -> None:
         """Attempts as tasks: failover on errors, one hedge after the delay, SSE keep-alives while waiting."""
         loop = asyncio.get_running_loop()
@@ -276,7 +298,7 @@ class Forwarder:
             t = loop.create_task(
                 run_attempt(
                     self.client, self.monitor, ep, kind, body, view.model, strip, view.stream,
-                    self._deadline(ep, kind), self.max_response_bytes,
+                    self._deadline(ep, kind), self.max_response_bytes, front,
                 )
             )  # fmt: skip
             tasks[t] = ep

@@ -44,6 +44,9 @@ class Gateway:
         self.forwarder: Forwarder
         self.models_body = b""
 
+    def generation_id(self) -> str:
+        return next(self._ids)
+
     def attach(self, forwarder: Forwarder) -> None:
         """Set at startup, once the upstream client and the route table exist."""
         self.forwarder = forwarder
@@ -106,8 +109,9 @@ class Gateway:
         return web.Response(body=b'{"status":"ready"}', content_type="application/json")
 
 
-def render(err: GatewayError) -> web.Response:
-    resp = web.Response(status=err.status, body=err.body(), content_type="application/json")
+def render(err: GatewayError, body: bytes | None = None) -> web.Response:
+    """`body`: the error in another API's shape (proxy/messages.py); by default OpenAI's."""
+    resp = web.Response(status=err.status, body=err.body() if body is None else body, content_type="application/json")
     for name, value in err.headers().items():
         resp.headers[name] = value
     if isinstance(err, PayloadTooLarge | RequestTimeout):
@@ -115,16 +119,27 @@ def render(err: GatewayError) -> web.Response:
     return resp
 
 
+def error_response(request: web.Request, err: GatewayError, body: bytes | None = None) -> web.Response:
+    """A handler's `GatewayError` as its response (both server engines use this); `body` as in render()."""
+    if isinstance(err, RequestTimeout):  # a 413 lingers: a client still writing must get to read it
+        no_linger = getattr(request.protocol, "no_linger", None)  # the production connection handlers
+        if no_linger is not None:
+            no_linger()
+    return render(err, body)
+
+
+def unexpected_error(request: web.Request) -> web.Response:
+    """Called in an `except` block: log the traceback, answer a bare 500 (no traceback leaks)."""
+    log.exception("unexpected error serving %s %s", request.method, request.path)
+    return render(GatewayError("internal error in the gateway"))
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except GatewayError as e:
-        if isinstance(e, RequestTimeout):  # a 413 lingers: a client still writing must get to read it
-            no_linger = getattr(request.protocol, "no_linger", None)  # the production connection handler
-            if no_linger is not None:
-                no_linger()
-        return render(e)
+        return error_response(request, e)
     except web.HTTPException as e:  # aiohttp's own: unknown route, wrong method, body too large
         if e.status == 404:
             return render(NotFound(f"no route for {request.method} {request.path}"))
@@ -136,8 +151,7 @@ async def error_middleware(request: web.Request, handler: web.Handler) -> web.St
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
-        log.exception("unexpected error serving %s %s", request.method, request.path)
-        return render(GatewayError("internal error in the gateway"))
+        return unexpected_error(request)
 
 
 def _http_error(e: web.HTTPException) -> GatewayError:

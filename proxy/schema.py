@@ -41,12 +41,20 @@ class EmbeddingView(_View, gc=False):
     input: msgspec.Raw = msgspec.Raw()
 
 
+class MessagesView(_View, gc=False):
+    """Anthropic's Messages API (proxy/messages.py): its routing fields are chat's, by the same names."""
+
+    messages: list[msgspec.Raw] = msgspec.field(default_factory=list)  # required; checked below
+    max_tokens: int = 0  # required by Anthropic; checked by the handler
+
+
 _decoders = {
     "chat": msgspec.json.Decoder(ChatView),
     "completions": msgspec.json.Decoder(CompletionView),
     "embeddings": msgspec.json.Decoder(EmbeddingView),
+    "messages": msgspec.json.Decoder(MessagesView),
 }
-_required = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
+_required = {"chat": "messages", "completions": "prompt", "embeddings": "input", "messages": "messages"}
 
 
 def decode_view(kind: str, body: bytes) -> _View:

@@ -1,5 +1,8 @@
 """Run the gateway: uvloop, N worker processes sharing the port (SO_REUSEPORT), signals, graceful drain.
 
+Two HTTP server engines serve the same routes and lifecycle (proxy/app.py): aiohttp's (the default) and
+the lean one in proxy/lean_server (`server.engine: lean`), which spends far less CPU per request.
+
 aiohttp has no deadline for reading a request head, so a client trickling header bytes (slowloris) could
 hold a connection forever; `_HeadDeadlineHandler` closes it with a 408 after `header-timeout-s`.
 """
@@ -7,22 +10,25 @@ hold a connection forever; `_HeadDeadlineHandler` closes it with a 408 after `he
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from proxy.app import GATEWAY, build_app
+from proxy.app import GATEWAY, build_app, lifecycle, new_gateway, routes
 from proxy.config import Config
 from proxy.errors import GatewayError, RequestTimeout
+from proxy.handlers import Gateway
+from proxy.lean_server.server import LeanServer
 
 log = logging.getLogger("hedgerow")
 
@@ -128,6 +134,28 @@ async def serve(
 ) -> None:
     """Serve until SIGTERM/SIGINT (or `stop` is set), then drain: stop accepting, let in-flight requests
     end within the grace period, return."""
+    start = _start_lean if cfg.server.engine == "lean" else _start_aiohttp
+    gw, port, finish = await start(cfg, reuse_port)
+    s = cfg.server
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    log.info("hedgerow listening on http://%s:%d (pid %d, %s engine)", s.host, port, os.getpid(), s.engine)
+    if on_ready is not None:
+        on_ready(port)
+    await stop.wait()
+    gw.draining = True
+    log.info("draining (up to %gs for in-flight requests)", s.drain_grace_s)
+    await finish()
+    log.info("stopped")
+
+
+_Started = tuple[Gateway, int, Callable[[], Awaitable[None]]]  # the gateway, the bound port, the drain
+
+
+async def _start_aiohttp(cfg: Config, reuse_port: bool) -> _Started:
     app = build_app(cfg)
     s = cfg.server
     runner = _GatewayRunner(
@@ -143,19 +171,34 @@ async def serve(
     site = web.TCPSite(runner, s.host, s.port, reuse_port=reuse_port or None, backlog=2048)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    if stop is None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-    log.info("hedgerow listening on http://%s:%d (pid %d)", s.host, port, os.getpid())
-    if on_ready is not None:
-        on_ready(port)
-    await stop.wait()
-    app[GATEWAY].draining = True
-    log.info("draining (up to %gs for in-flight requests)", s.drain_grace_s)
-    await runner.cleanup()  # closes the listener, waits for handlers up to shutdown_timeout, then cancels
-    log.info("stopped")
+    # runner.cleanup closes the listener, waits for handlers up to shutdown_timeout, then cancels them.
+    return app[GATEWAY], port, runner.cleanup
+
+
+async def _start_lean(cfg: Config, reuse_port: bool) -> _Started:
+    s = cfg.server
+    gw = new_gateway(cfg)
+    stack = contextlib.AsyncExitStack()
+    await stack.enter_async_context(lifecycle(cfg, gw))
+    server = LeanServer(
+        routes(gw),
+        max_body=s.max_body_bytes,
+        header_timeout=s.header_timeout_s,
+        keepalive_timeout=s.keepalive_timeout_s,
+    )
+    try:
+        port = await server.start(s.host, s.port, reuse_port=reuse_port)
+    except BaseException:
+        await stack.aclose()
+        raise
+
+    async def finish() -> None:
+        try:
+            await server.shutdown(s.drain_grace_s)
+        finally:
+            await stack.aclose()
+
+    return gw, port, finish
 
 
 def _worker(cfg: Config, reuse_port: bool) -> None:

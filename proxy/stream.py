@@ -1,8 +1,9 @@
 """Relay a committed upstream SSE stream to the client: bytes as received, chunk by chunk, never re-framed.
 
-Backpressure: `write()` drains when aiohttp's buffer is full, so a slow client slows our reads from the
-upstream socket instead of growing memory. Once the first byte went out, an upstream failure can no longer
-become an HTTP status: the stream ends with an OpenAI-shaped error event and `[DONE]`, never a silent cut.
+Backpressure: `write()` drains when the transport's buffer is full (on either server engine), so a slow
+client slows our reads from the upstream socket instead of growing memory. Once the first byte went out, an
+upstream failure can no longer become an HTTP status: the stream ends with an OpenAI-shaped error event and
+`[DONE]`, never a silent cut.
 Usage is read from a small tail of the stream at its end, not by parsing every event.
 """
 
@@ -10,12 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
 from health.window import Outcome
 from proxy.errors import GatewayError, UpstreamTimeout
+from proxy.lean_server.request import LeanRequest
+from proxy.lean_server.response import LeanStream
+
+# The client stream: aiohttp's on its engine, `LeanStream` on the lean one (same prepare/write API).
+Downstream = web.StreamResponse | LeanStream
 
 # Proxies in front of us (nginx) must not buffer a stream, and clients must not cache it.
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -24,24 +30,30 @@ _TAIL = 4096  # the usage chunk is the last event but [DONE]; a few KiB always h
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 
 
-async def prepare(request: web.Request, status: int, headers: dict[str, str]) -> web.StreamResponse:
+async def prepare(request: web.Request | LeanRequest, status: int, headers: dict[str, str]) -> Downstream:
+    """Send a stream's head. The one place streams are opened, so the one place the engines differ."""
+    if isinstance(request, LeanRequest):
+        return request.protocol.start_stream(request, status, headers)
     down = web.StreamResponse(status=status, headers=headers)
     await down.prepare(request)
     return down
 
 
 async def pipe(
-    down: web.StreamResponse,
+    down: Downstream,
     prefix: bytes,
     chunks: AsyncIterator[bytes],
     deadline: float,
     collect: list[bytes] | None = None,
+    error_event: Callable[[GatewayError], bytes] | None = None,
+    tokens: re.Pattern[bytes] = _COMPLETION_TOKENS,
 ) -> tuple[Outcome, int]:
     """Write `prefix`, then the rest of the stream, until it ends, fails, or the deadline passes.
 
     Returns the outcome for the endpoint's health and the completion tokens the stream reported (0 if none).
     Client disconnects propagate (the caller releases the upstream and records a cancellation). With
     `collect`, every relayed chunk is also appended to it (for the response cache; off otherwise).
+    Another client API's stream (proxy/messages.py) brings its own `error_event` and `tokens` pattern.
     """
     prev, last = b"", prefix  # the last two chunks hold the usage event; no copy per chunk
     outcome = Outcome.OK
@@ -59,9 +71,9 @@ async def pipe(
     except TimeoutError as e:
         err = e if isinstance(e, GatewayError) else UpstreamTimeout("stream exceeded its total time")
         outcome = Outcome.TIMEOUT
-        await down.write(err.sse_event())
+        await down.write(err.sse_event() if error_event is None else error_event(err))
     except GatewayError as e:
         outcome = Outcome.PROTOCOL
-        await down.write(e.sse_event())
-    found = _COMPLETION_TOKENS.findall(prev[-_TAIL:] + last[-_TAIL:])
+        await down.write(e.sse_event() if error_event is None else error_event(e))
+    found = tokens.findall(prev[-_TAIL:] + last[-_TAIL:])
     return outcome, int(found[-1]) if found else 0

@@ -29,6 +29,10 @@ class KeyRing:
         scheme, _, secret = authorization.partition(" ")
         if scheme.lower() != "bearer" or not secret:
             raise Unauthorized("malformed Authorization header: expected `Bearer <key>`")
+        return self.check_secret(secret)
+
+    def check_secret(self, secret: str) -> str:
+        """The key's name for a bare secret (Anthropic clients send it as `x-api-key`), else Unauthorized."""
         digest = hashlib.sha256(secret.strip().encode()).digest()
         name = self._by_digest.get(digest)
         if name is None:

@@ -1,8 +1,9 @@
 """The adapter contract: every registered adapter, run through the same cases on its recorded fixtures.
 
 Parametrized over `adapters.REGISTRY`, so a new adapter is picked up as soon as it is registered; its fixtures
-come from `tests/fixtures/<name>/` (chat_ok.json, chat_429.json, chat_400.json, stream_ok.sse). Validation
-uses the official OpenAI SDK's pydantic types: what a client's SDK would accept is the contract.
+come from `tests/fixtures/<name>/` (chat_ok.json, chat_429.json, chat_400.json, and stream_ok.sse or, for a
+provider that does not stream SSE, stream_ok.eventstream). Validation uses the official OpenAI SDK's pydantic
+types: what a client's SDK would accept is the contract.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from proxy.errors import UpstreamStatus
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 KEY = "sk-contract-0123456789"
 PUBLIC, UPSTREAM = "contract/model", "upstream-model"
+STREAM_FIXTURES = ("stream_ok.sse", "stream_ok.eventstream")
 CHAT = orjson.dumps(
     {"model": PUBLIC, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16, "stream": False}
 )
@@ -36,6 +38,13 @@ class Subject:
 
     def fixture(self, name: str) -> bytes:
         return (self.fixtures / name).read_bytes()
+
+    def stream_ok(self) -> bytes:
+        """The recorded text stream: SSE, or the provider's own stream framing (Bedrock: AWS event stream)."""
+        for name in STREAM_FIXTURES:
+            if (self.fixtures / name).is_file():
+                return self.fixture(name)
+        raise FileNotFoundError(f"no {' or '.join(STREAM_FIXTURES)} in {self.fixtures}")
 
 
 @pytest.fixture(params=sorted(REGISTRY))
@@ -104,7 +113,7 @@ def test_parses_chat_ok_into_an_openai_chat_completion(subject: Subject) -> None
 
 
 def test_transcodes_stream_ok_into_openai_chunks_ending_in_done(subject: Subject) -> None:
-    raw = subject.fixture("stream_ok.sse")
+    raw = subject.stream_ok()
     out = _transcode(subject, raw, 0)
     if subject.adapter.passthrough:
         assert out is raw  # relayed byte for byte
@@ -120,7 +129,7 @@ def test_transcodes_stream_ok_into_openai_chunks_ending_in_done(subject: Subject
 
 @pytest.mark.parametrize("piece", [1, 7, 64])
 def test_stream_cut_anywhere_transcodes_the_same(subject: Subject, piece: int) -> None:
-    raw = subject.fixture("stream_ok.sse")
+    raw = subject.stream_ok()
 
     def shape(stream: bytes) -> list[object]:
         # ids and `created` may be minted per stream; what a client reads must not depend on read sizes

@@ -17,6 +17,7 @@ from tests.conftest import AUTH, KEY
 from tests.fakes import Script, fixture, sse_events
 
 CHAT = {"model": "test/gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+ENGINES = pytest.mark.parametrize("engine", ["aiohttp", "lean"])  # `hedgerow serve --engine`
 
 
 async def _spawn(*args: str, env: dict[str, str] | None = None) -> tuple[asyncio.subprocess.Process, int]:
@@ -48,11 +49,12 @@ def _config_file(tmp_path: Path, upstream: str, **server: object) -> str:
     return str(path)
 
 
-async def test_sigterm_drains_a_stream_in_flight_then_exits_zero(fake_upstream, http, tmp_path):
+@ENGINES
+async def test_sigterm_drains_a_stream_in_flight_then_exits_zero(fake_upstream, http, tmp_path, engine):
     events = sse_events(fixture("stream_ok.sse"))
     fake_upstream.script(Script(sse=events, gap_s=0.08))  # ~1 s of streaming
     proc, port = await _spawn(
-        "serve", "--config", _config_file(tmp_path, fake_upstream.base_url, **{"drain-grace-s": 10})
+        "serve", "--config", _config_file(tmp_path, fake_upstream.base_url, **{"drain-grace-s": 10}), "--engine", engine
     )
     try:
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
@@ -71,21 +73,31 @@ async def test_sigterm_drains_a_stream_in_flight_then_exits_zero(fake_upstream, 
         await asyncio.open_connection("127.0.0.1", port)  # no longer accepting
 
 
-async def test_sigterm_cuts_streams_that_outlive_the_grace_period(fake_upstream, http, tmp_path):
+@ENGINES
+async def test_sigterm_cuts_streams_that_outlive_the_grace_period(fake_upstream, http, tmp_path, engine):
     events = sse_events(fixture("stream_ok.sse"))
     fake_upstream.script(Script(sse=events, gap_s=1.0))  # ~11 s: longer than the grace
     proc, port = await _spawn(
-        "serve", "--config", _config_file(tmp_path, fake_upstream.base_url, **{"drain-grace-s": 0.5})
+        "serve",
+        "--config",
+        _config_file(tmp_path, fake_upstream.base_url, **{"drain-grace-s": 0.5}),
+        "--engine",
+        engine,
     )
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    async with asyncio.timeout(10):
-        async with http.post(url, json={**CHAT, "stream": True}, headers=AUTH) as r:
-            await r.content.readany()
-            proc.send_signal(signal.SIGTERM)
-            with pytest.raises(Exception):  # noqa: B017 - any transport error: the stream was cut
-                await r.read()
-        assert await proc.wait() == 0
-        await fake_upstream.wait_cancelled()  # and its upstream request did not linger
+    try:
+        async with asyncio.timeout(10):
+            async with http.post(url, json={**CHAT, "stream": True}, headers=AUTH) as r:
+                await r.content.readany()
+                proc.send_signal(signal.SIGTERM)
+                with pytest.raises(Exception):  # noqa: B017 - any transport error: the stream was cut
+                    await r.read()
+            assert await proc.wait() == 0
+            await fake_upstream.wait_cancelled()  # and its upstream request did not linger
+    finally:
+        if proc.returncode is None:  # a failure above must not leave the gateway running
+            proc.kill()
+            await proc.wait()
 
 
 async def test_embedded_default_config_serves_the_demo_provider_to_the_sdk():
@@ -143,8 +155,10 @@ async def test_demo_key_refused_on_a_non_loopback_address():
     assert b"demo key sk-hedgerow-demo is accepted only on a loopback address" in err
 
 
-async def test_workers_share_the_port_and_all_drain(fake_upstream, http, tmp_path):
-    proc, port = await _spawn("serve", "--config", _config_file(tmp_path, fake_upstream.base_url), "--workers", "2")
+@ENGINES
+async def test_workers_share_the_port_and_all_drain(fake_upstream, http, tmp_path, engine):
+    config = _config_file(tmp_path, fake_upstream.base_url, engine=engine)  # the engine from the config file
+    proc, port = await _spawn("serve", "--config", config, "--workers", "2")
     try:
         async with asyncio.timeout(20):
             while len(_children(proc.pid)) < 2:  # polling /proc: the second worker may still be starting
