@@ -1,7 +1,7 @@
 """`POST /v1/messages`: the official `anthropic` SDK against the gateway, with each adapter behind it.
 
-An `anthropic` endpoint is native (the bytes pass through both ways); `openai` and `gemini` endpoints are
-reached through OpenAI chat and translated back. The OpenAI fake's tool and thinking answers are what the
+An `anthropic` endpoint is native (the bytes pass through both ways); `openai`, `gemini` and `bedrock`
+endpoints are reached through OpenAI chat and translated back. The OpenAI fake's tool and thinking answers are what the
 Anthropic adapter makes of the Anthropic fixtures (the gateway's own OpenAI shape of those answers), so the
 same tool calls and thinking can be checked on every path.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import anthropic
+import msgspec
 import orjson
 import pytest
 
@@ -18,12 +19,20 @@ from adapters.anthropic import AnthropicAdapter, AnthropicTranscoder
 from proxy.config import Price, ProviderConfig
 from proxy.messages import MessagesFront
 from proxy.router import Endpoint
+from tests.bedrock_streams import frames_of
 from tests.conftest import KEY, gateway_config
 from tests.fakes import FakeUpstream, Script, fixture, sse_events
 
 MODEL = "test/assistant"
-UPSTREAM = {"anthropic": "claude-sonnet-4-20250514", "openai": "gpt-4o-mini", "gemini": "gemini-2.5-flash"}
-ADAPTERS = ("openai", "anthropic", "gemini")
+UPSTREAM = {
+    "anthropic": "claude-sonnet-4-20250514",
+    "openai": "gpt-4o-mini",
+    "gemini": "gemini-2.5-flash",
+    "bedrock": "us.anthropic.claude-sonnet-4-20250514-v1:0",
+}
+ADAPTERS = ("openai", "anthropic", "gemini", "bedrock")
+AWS_KEYS = "AKIDEXAMPLE:wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"  # AWS's documentation example keys (SigV4)
+EVENTSTREAM = {"Content-Type": "application/vnd.amazon.eventstream"}
 WEATHER_TOOLS = [
     {
         "name": "get_weather",
@@ -33,6 +42,12 @@ WEATHER_TOOLS = [
     {"name": "get_time", "input_schema": {"type": "object", "properties": {"timezone": {"type": "string"}}}},
 ]
 HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(autouse=True)
+def aws_region(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loopback bedrock endpoint's SigV4 region comes from AWS_REGION (its host names none)."""
+    monkeypatch.setenv("AWS_REGION", "us-west-2")
 
 
 def anth(name: str) -> bytes:
@@ -65,18 +80,29 @@ ANSWERS: dict[str, dict[str, tuple[bytes, bytes]]] = {
         "tools": (fixture("chat_function_call.json", "gemini"), fixture("stream_function_calls.sse", "gemini")),
         "thinking": (fixture("chat_ok.json", "gemini"), fixture("stream_thinking.sse", "gemini")),
     },
+    "bedrock": {
+        "text": (fixture("chat_ok.json", "bedrock"), fixture("stream_ok.eventstream", "bedrock")),
+        "tools": (fixture("chat_tool_use.json", "bedrock"), fixture("stream_tools.eventstream", "bedrock")),
+        "thinking": (fixture("chat_ok.json", "bedrock"), fixture("stream_thinking.eventstream", "bedrock")),
+    },
 }
 
 
 def script(adapter: str, answer: str, stream: bool) -> Script:
     body, sse = ANSWERS[adapter][answer]
-    return Script(sse=sse_events(sse)) if stream else Script(body=body)
+    if not stream:
+        return Script(body=body)
+    if adapter == "bedrock":  # an AWS event stream, written frame by frame
+        return Script(sse=frames_of(sse), headers=EVENTSTREAM)
+    return Script(sse=sse_events(sse))
 
 
 def config(providers: dict[str, str], adapters: dict[str, str], **kw: Any) -> Any:
     """Providers (name → fake URL) with their adapters, all serving MODEL; hedging off (one attempt at a time)."""
     endpoints = [(name, UPSTREAM[adapters[name]]) for name in providers]
-    return gateway_config(providers, adapter=adapters, models={MODEL: endpoints}, hedge={"enabled": False}, **kw)
+    cfg = gateway_config(providers, adapter=adapters, models={MODEL: endpoints}, hedge={"enabled": False}, **kw)
+    keys = [msgspec.structs.replace(p, api_key=AWS_KEYS) if p.adapter == "bedrock" else p for p in cfg.providers]
+    return msgspec.structs.replace(cfg, providers=keys)
 
 
 async def start(gateway: Any, fake: FakeUpstream, adapter: str, **kw: Any) -> Any:
@@ -114,6 +140,7 @@ TEXT_USAGE = {  # (input, cache reads, cache writes, output)
     "anthropic": (12, 2048, 256, 12),
     "openai": (9, 0, 0, 10),
     "gemini": (13, 2048, 0, 34),  # Gemini's prompt count includes its cached tokens; output includes thoughts
+    "bedrock": (12, 2048, 256, 12),  # Converse's inputTokens excludes cache reads and writes, as Anthropic's does
 }
 
 
@@ -131,7 +158,7 @@ async def test_text_answer_whole_and_streamed(fake_upstream, gateway, adapter):
         assert (u.input_tokens, u.cache_read_input_tokens, u.cache_creation_input_tokens, u.output_tokens) == (
             TEXT_USAGE[adapter]
         )
-    assert streamed.id == whole.id
+    assert (streamed.id == whole.id) == (adapter != "bedrock")  # Converse answers carry no id: each gets its own
     assert events[0] == "message_start" and events[-1] == "message_stop" and "content_block_stop" in events
     assert [r.path for r in fake_upstream.requests] == (
         ["/v1/messages"] * 2
@@ -139,7 +166,14 @@ async def test_text_answer_whole_and_streamed(fake_upstream, gateway, adapter):
         else ["/v1/chat/completions"] * 2
         if adapter == "openai"
         else ["/v1/models/gemini-2.5-flash:generateContent", "/v1/models/gemini-2.5-flash:streamGenerateContent"]
+        if adapter == "gemini"
+        else [f"/v1/model/{UPSTREAM['bedrock']}/converse", f"/v1/model/{UPSTREAM['bedrock']}/converse-stream"]
     )
+    if adapter == "bedrock":  # signed with the provider's AWS keys, not sent as a bearer token
+        assert all(
+            r.headers["Authorization"].startswith("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/")
+            for r in fake_upstream.requests
+        )
     await c.close()
 
 
@@ -170,11 +204,13 @@ async def test_tool_use_whole_and_streamed(fake_upstream, gateway, adapter):
         assert message.content[-1].type == "tool_use"  # text first, then the calls
         assert message.stop_reason == "tool_use"
     if adapter != "gemini":  # Gemini makes up call ids (it has none); the others keep theirs
-        assert [b.id for b in whole.content if b.type == "tool_use"] == [
-            "toolu_01T1x1fJ34qAmk2tNTrN7Up6",
-            "toolu_01VpGpFzSXjbj5Q1AHQ3Dgnf",
-        ]
-        assert streamed.model_dump() == whole.model_dump()
+        assert [b.id for b in whole.content if b.type == "tool_use"] == (
+            ["tooluse_kZJMlvQmRJ6eAyJE5GIl7Q", "tooluse_3ZqHh1YbQzqkP0Ezv1fLbg"]
+            if adapter == "bedrock"
+            else ["toolu_01T1x1fJ34qAmk2tNTrN7Up6", "toolu_01VpGpFzSXjbj5Q1AHQ3Dgnf"]
+        )
+        unmatched = {"id"} if adapter == "bedrock" else set()  # Converse answers carry no message id
+        assert streamed.model_dump(exclude=unmatched) == whole.model_dump(exclude=unmatched)
     await c.close()
 
 
@@ -198,6 +234,7 @@ async def test_thinking_stream(fake_upstream, gateway, adapter):
         "anthropic": ("So the GCD is 21.", "**21**.", 197),
         "openai": ("So the GCD is 21.", "**21**.", 197),
         "gemini": ("the total is 391.", "= 391.", 80),
+        "bedrock": ("So the GCD is 21.", "**21**.", 197),
     }[adapter]
     assert thinking.thinking.endswith(expected[0]) and text.text.endswith(expected[1])  # type: ignore[union-attr]
     assert message.usage.output_tokens == expected[2] and message.stop_reason == "end_turn"
@@ -206,6 +243,9 @@ async def test_thinking_stream(fake_upstream, gateway, adapter):
         assert sent["reasoning_effort"] == "medium" and sent["max_completion_tokens"] == 8192
     elif adapter == "gemini":
         assert sent["generationConfig"]["thinkingConfig"] == {"thinkingBudget": 8192, "includeThoughts": True}
+    elif adapter == "bedrock":
+        assert sent["additionalModelRequestFields"] == {"thinking": {"type": "enabled", "budget_tokens": 4096}}
+        assert sent["inferenceConfig"] == {"maxTokens": 8192}
     else:
         assert sent["thinking"] == {"type": "enabled", "budget_tokens": 4096}
     await c.close()
