@@ -103,16 +103,18 @@ def error_bytes(err: GatewayError, *, close: bool = True) -> bytes:
 
 
 class LeanStream:
-    """What `proxy.stream.prepare()` returns on the lean engine: the head is already written; each
-    `write()` sends one chunk at once and waits while the client's socket buffer is full (backpressure)."""
+    """What `proxy.stream.prepare()` returns on the lean engine: each `write()` sends one chunk at once and
+    waits while the client's socket buffer is full (backpressure). The head goes out with the first chunk
+    (or the end): one segment, so a stream's first byte costs the client one read, not two."""
 
-    __slots__ = ("_chunked", "_conn", "ended")
+    __slots__ = ("_chunked", "_conn", "_head", "ended")
 
     prepared = True
 
-    def __init__(self, conn: Connection, chunked: bool) -> None:
+    def __init__(self, conn: Connection, chunked: bool, head: bytes) -> None:
         self._conn = conn
         self._chunked = chunked
+        self._head = head
         self.ended = False
 
     async def prepare(self, request: object) -> None:
@@ -124,6 +126,9 @@ class LeanStream:
         conn = self._conn
         if self._chunked:
             data = b"%x\r\n%b\r\n" % (len(data), data)
+        if self._head:
+            data = self._head + data
+            self._head = b""
         conn.send(data)
         if conn.write_paused:
             await conn.drain()
@@ -137,5 +142,7 @@ class LeanStream:
         """End the body (the last chunk); the engine calls it when the handler returns the stream."""
         if not self.ended:
             self.ended = True
-            if self._chunked:
-                self._conn.send(CHUNKED_END)
+            end = CHUNKED_END if self._chunked else b""
+            if self._head or end:
+                self._conn.send(self._head + end)
+                self._head = b""
