@@ -5,7 +5,7 @@ asyncio.Protocol with httptools (llhttp) parsing requests on uvloop, answering w
 It serves the very fixture files the tests use (tests/fixtures/openai/): one source of truth for what an
 OpenAI response looks like, and the bytes a relayed stream is checked against.
 
-`--format anthropic|gemini` serves tests/fixtures/<format>/ (stream_ok.sse, chat_ok.json) at that provider's
+`--format anthropic|gemini|bedrock` serves tests/fixtures/<format>/ (stream_ok.sse, chat_ok.json) at that provider's
 paths instead, for gateways whose adapter transcodes: Anthropic `POST /v1/messages` (streamed when the body
 says `"stream":true`), `GET /v1/models`; Gemini `POST /v1beta/models/{model}:generateContent` and
 `:streamGenerateContent` (any model; the verb after the colon picks the answer), `GET /v1beta/models`. The
@@ -40,7 +40,7 @@ import uvloop
 
 FIXTURES_ROOT = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 FIXTURES = FIXTURES_ROOT / "openai"
-FORMATS = ("openai", "anthropic", "gemini")
+FORMATS = ("openai", "anthropic", "gemini", "bedrock")
 CHAT_PATH = b"/v1/chat/completions"
 ANTHROPIC_PATH = b"/v1/messages"
 GEMINI_PREFIX = b"/v1beta/models/"
@@ -72,18 +72,31 @@ _MODELS = {
     b'"last_id":"claude-sonnet-4-20250514"}',
     "gemini": b'{"models":[{"name":"models/gemini-2.5-flash","displayName":"Gemini 2.5 Flash",'
     b'"supportedGenerationMethods":["generateContent","countTokens"]}]}',
+    "bedrock": b'{"modelSummaries":[{"modelId":"anthropic.claude-sonnet-4-20250514-v1:0"}]}',
 }
 _SERVER_ERROR = {
     "anthropic": b'{"type":"error","error":{"type":"api_error","message":"Internal server error"}}',
     "gemini": b'{"error":{"code":500,"message":"An internal error has occurred.","status":"INTERNAL"}}',
+    "bedrock": b'{"message":"An internal server error occurred. Retry your request."}',
 }
+BEDROCK_PREFIX = b"/model/"  # /model/{modelId}/converse and /converse-stream
+
+
+def _aws_frames(data: bytes) -> list[bytes]:
+    """An AWS event stream cut into its frames (each starts with its own total length, big-endian)."""
+    out, i = [], 0
+    while i < len(data):
+        n = int.from_bytes(data[i : i + 4], "big")
+        out.append(data[i : i + n])
+        i += n
+    return out
 
 
 class Routes:
     """Every response as wire bytes, built once, so serving one is a dict lookup and a write.
 
     `stream_path`: POSTs to it stream (OpenAI, Anthropic: only when the body asks, `stream_by_body`).
-    `verb_paths` (Gemini): the model is in the path, so a POST's path is looked up as its `:verb` alone."""
+    `path_tail` (Gemini, Bedrock): the model is in the path, so a POST is looked up by its last part alone."""
 
     def __init__(self, fixtures: Path = FIXTURES, fmt: str = "openai") -> None:
         if fmt not in FORMATS:
@@ -95,8 +108,9 @@ class Routes:
             return _response((fixtures / name).read_bytes())
 
         self.format = fmt
-        self.stream_by_body = fmt != "gemini"
-        self.verb_paths = fmt == "gemini"
+        self.stream_by_body = fmt in ("openai", "anthropic")
+        # The model is in the path: a POST's path is looked up by its last part (Gemini `:verb`, Bedrock `/verb`).
+        self.path_tail = {"gemini": (GEMINI_PREFIX, b":"), "bedrock": (BEDROCK_PREFIX, b"/")}.get(fmt)
         if fmt == "openai":
             self.stream_path = CHAT_PATH
             self.fixed: dict[tuple[bytes, bytes], bytes] = {
@@ -113,6 +127,13 @@ class Routes:
                 (b"GET", b"/v1/models"): _response(_MODELS[fmt]),
             }
             server_error = _SERVER_ERROR[fmt]
+        elif fmt == "bedrock":
+            self.stream_path = b"/converse-stream"
+            self.fixed = {
+                (b"POST", b"/converse"): fixture("chat_ok.json"),
+                (b"GET", b"/foundation-models"): _response(_MODELS[fmt]),
+            }
+            server_error = _SERVER_ERROR[fmt]
         else:
             self.stream_path = b":streamGenerateContent"
             self.fixed = {
@@ -124,11 +145,15 @@ class Routes:
         self.not_found = _response(
             b'{"error":{"message":"no such route","type":"invalid_request_error"}}', status=b"404 Not Found"
         )
+        ctype = b"application/vnd.amazon.eventstream" if fmt == "bedrock" else b"text/event-stream"
         self.stream_head = (
-            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nCache-Control: no-cache\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" % ctype
         )
-        events = sse_events((fixtures / "stream_ok.sse").read_bytes())
+        if fmt == "bedrock":
+            events = _aws_frames((fixtures / "stream_ok.eventstream").read_bytes())
+        else:
+            events = sse_events((fixtures / "stream_ok.sse").read_bytes())
         # One HTTP chunk per SSE event, as a provider flushes each token; then the terminating chunk.
         self.stream_chunks = [b"%x\r\n%s\r\n" % (len(event), event) for event in events] + [b"0\r\n\r\n"]
 
@@ -243,10 +268,10 @@ class FakeOpenAI(asyncio.Protocol):
         else:
             faults.counts["gets"] += 1
         routes = self._routes
-        if routes.verb_paths and method == b"POST" and path.startswith(GEMINI_PREFIX):
-            colon = path.rfind(b":")
-            if colon != -1:
-                path = path[colon:]  # models/{model}:verb → :verb; without a verb the path stays, a 404
+        if routes.path_tail is not None and method == b"POST" and path.startswith(routes.path_tail[0]):
+            cut = path.rfind(routes.path_tail[1])
+            if cut > len(routes.path_tail[0]):
+                path = path[cut:]  # …{model}:verb → :verb, …{model}/verb → /verb; no verb: a 404
         if (
             method == b"POST"
             and path == routes.stream_path
