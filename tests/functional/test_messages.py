@@ -606,3 +606,17 @@ async def test_messages_and_chat_answers_are_cached_apart(fake_upstream, gateway
             got.append((r.headers["X-Hedgerow-Cache"], (await r.json()).get("type")))
     assert got == [("miss", None), ("miss", "message"), ("hit", "message")]
     assert len(fake_upstream.requests) == 2
+
+
+async def test_text_answer_through_an_azure_deployment(fake_upstream, gateway):
+    """Azure speaks OpenAI's format at its own URLs: the front door reaches it through the azure adapter."""
+    base = fake_upstream.base_url.removesuffix("/v1")  # like https://<resource>.openai.azure.com
+    cfg = gateway_config(
+        {"az": base}, adapter="azure", models={MODEL: [("az", "gpt-4o-mini")]}, hedge={"enabled": False}
+    )
+    gw = await gateway(cfg)
+    whole, streamed, events = await create_and_stream(client(gw), fake_upstream, "openai", "text")
+    assert whole.content[0].text == streamed.content[0].text == "Hello! How can I help you today?"  # type: ignore[union-attr]
+    assert events[0] == "message_start" and events[-1] == "message_stop"
+    assert [r.path for r in fake_upstream.requests] == ["/openai/deployments/gpt-4o-mini/chat/completions"] * 2
+    assert all(r.headers.get("api-key") == "sk-upstream-az" for r in fake_upstream.requests)
