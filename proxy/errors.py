@@ -17,7 +17,8 @@
     * UpstreamProtocolError    502                        garbage where HTTP or a body was expected
     * StreamInterrupted        502                        never retried: the client already has bytes
 
-An upstream's own 4xx answer is relayed as received (its body is already OpenAI-shaped), so it needs no class.
+An upstream's own 4xx answer is relayed with its status and needs no class: as received from OpenAI-format
+providers, rewritten into OpenAI's error shape by translating adapters (`error_body`).
 """
 
 from __future__ import annotations
