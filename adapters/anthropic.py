@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import msgspec
 
 from adapters.anthropic_request import JSON_TOOL, build_request
-from adapters.base import DONE, RETRYABLE_STATUSES
+from adapters.base import DONE, RETRYABLE_STATUSES, completion_choice
 from adapters.sse import SseSplitter, data_of
 from proxy.config import ProviderConfig
 from proxy.errors import UpstreamStatus
@@ -333,17 +333,7 @@ class AnthropicAdapter:
                     text.append(args)
                 else:
                     calls.append({"id": b.id, "type": "function", "function": {"name": b.name, "arguments": args}})
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(text) if text else None, "refusal": None}
-        if calls:
-            message["tool_calls"] = calls
-        if reasoning:
-            message["reasoning"] = "".join(reasoning)
-        choice = {
-            "index": 0,
-            "message": message,
-            "logprobs": None,
-            "finish_reason": _finish_reason(msg.stop_reason, bool(calls)),
-        }
+        choice = completion_choice(text, calls, reasoning, _finish_reason(msg.stop_reason, bool(calls)))
         return _enc(
             {
                 "id": "chatcmpl-" + msg.id.removeprefix("msg_"),

@@ -26,6 +26,7 @@ from typing import Any
 
 import orjson
 
+from adapters.base import load_chat_request
 from proxy.errors import BadRequest
 
 Json = dict[str, Any]
@@ -49,16 +50,7 @@ _ANY_OBJECT = {"type": "object", "additionalProperties": True}  # json_object: a
 
 def build_request(body: bytes, model: str) -> bytes:
     """The Anthropic Messages body for an OpenAI chat completions body; BadRequest names what cannot map."""
-    try:
-        req = orjson.loads(body)
-    except orjson.JSONDecodeError as e:
-        raise BadRequest(f"request body is not valid JSON: {e}") from None
-    if not isinstance(req, dict) or not isinstance(req.get("messages"), list):
-        raise BadRequest("`messages` must be a list", param="messages")
-    if req.get("n") not in (None, 1):
-        raise BadRequest("`n` > 1 is not supported by Anthropic models", param="n")
-    if "audio" in (req.get("modalities") or ()):
-        raise BadRequest("audio output is not supported by Anthropic models", param="modalities")
+    req = load_chat_request(body, "Anthropic models")
     system, messages = _messages(req["messages"])
     budget = _thinking_budget(req)
     max_tokens = req.get("max_completion_tokens") or req.get("max_tokens")

@@ -11,12 +11,13 @@ point, relay, usage) is the same for every provider.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import msgspec
+import orjson
 
 from proxy.config import ProviderConfig
-from proxy.errors import UpstreamStatus
+from proxy.errors import BadRequest, UpstreamStatus
 from proxy.upstream import Target
 
 # Request kinds the gateway serves; an adapter maps each to an upstream target.
@@ -93,3 +94,31 @@ def sse(obj: object) -> bytes:
 
 
 DONE = b"data: [DONE]\n\n"
+
+
+def load_chat_request(body: bytes, vendor: str) -> dict[str, Any]:
+    """An OpenAI chat body as a dict, for adapters that rebuild the request; BadRequest for what no
+    translating adapter can serve (several choices, audio output)."""
+    try:
+        req = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise BadRequest(f"request body is not valid JSON: {e}") from None
+    if not isinstance(req, dict) or not isinstance(req.get("messages"), list):
+        raise BadRequest("`messages` must be a list", param="messages")
+    if req.get("n") not in (None, 1):
+        raise BadRequest(f"`n` > 1 is not supported by {vendor}", param="n")
+    if "audio" in (req.get("modalities") or ()):
+        raise BadRequest(f"audio output is not supported by {vendor}", param="modalities")
+    return req
+
+
+def completion_choice(
+    text: list[str], calls: list[dict[str, Any]], reasoning: list[str], finish: str
+) -> dict[str, Any]:
+    """The one choice of a translated chat.completion: joined text, tool calls and reasoning when present."""
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(text) if text else None, "refusal": None}
+    if calls:
+        message["tool_calls"] = calls
+    if reasoning:
+        message["reasoning"] = "".join(reasoning)
+    return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}

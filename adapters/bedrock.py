@@ -38,7 +38,7 @@ from urllib.parse import quote
 import msgspec
 from yarl import URL
 
-from adapters.base import DONE, RETRYABLE_STATUSES
+from adapters.base import DONE, RETRYABLE_STATUSES, completion_choice
 from adapters.bedrock_aws import EventFrames, SigV4Signer, auth_for, require_botocore
 from adapters.bedrock_request import build_request
 from proxy.config import ProviderConfig
@@ -360,17 +360,7 @@ class BedrockAdapter:
                 calls.append({"id": b.tool_use.tool_use_id, "type": "function", "function": fn})
             elif b.reasoning_content is not None and b.reasoning_content.reasoning_text is not None:
                 reasoning.append(b.reasoning_content.reasoning_text.text)
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(text) if text else None, "refusal": None}
-        if calls:
-            message["tool_calls"] = calls
-        if reasoning:
-            message["reasoning"] = "".join(reasoning)
-        choice = {
-            "index": 0,
-            "message": message,
-            "logprobs": None,
-            "finish_reason": _finish_reason(r.stop_reason, bool(calls)),
-        }
+        choice = completion_choice(text, calls, reasoning, _finish_reason(r.stop_reason, bool(calls)))
         doc: dict[str, Any] = {
             "id": "chatcmpl-" + os.urandom(12).hex(),
             "object": "chat.completion",

@@ -38,6 +38,7 @@ import orjson
 # The Anthropic API's rules for reasoning budgets and data URLs apply unchanged: Claude on Bedrock takes the
 # same `thinking` object, and a data URL is a data URL.
 from adapters.anthropic_request import DEFAULT_MAX_TOKENS, _data_url, _thinking_budget
+from adapters.base import load_chat_request
 from proxy.errors import BadRequest
 
 Json = dict[str, Any]
@@ -69,16 +70,7 @@ def is_claude(model: str) -> bool:
 
 def build_request(body: bytes, model: str) -> bytes:
     """The Converse body for an OpenAI chat completions body; BadRequest names what cannot map."""
-    try:
-        req = orjson.loads(body)
-    except orjson.JSONDecodeError as e:
-        raise BadRequest(f"request body is not valid JSON: {e}") from None
-    if not isinstance(req, dict) or not isinstance(req.get("messages"), list):
-        raise BadRequest("`messages` must be a list", param="messages")
-    if req.get("n") not in (None, 1):
-        raise BadRequest("`n` > 1 is not supported by Bedrock Converse", param="n")
-    if "audio" in (req.get("modalities") or ()):
-        raise BadRequest("audio output is not supported by Bedrock Converse", param="modalities")
+    req = load_chat_request(body, "Bedrock Converse")
     system, messages, tool_blocks = _messages(req["messages"])
     out: Json = {"messages": messages}
     if system:
