@@ -4,7 +4,8 @@ Two URL schemes, chosen by `base-url`:
 - Deployment URLs (the classic API): `base-url: https://<resource>.openai.azure.com`. Requests go to
   `{base-url}/openai/deployments/{deployment}/chat/completions?api-version=…`, where the deployment is the
   endpoint's upstream `model`. Azure takes the deployment from the URL and ignores the body's `model`, so the
-  client's bytes go upstream unchanged even when the public model name differs (zero-copy). The api-version is
+  client's bytes go upstream unchanged even when the public model name differs (zero-copy), unless a stream
+  must be asked for its usage (`stream_options.include_usage`, as in adapters/openai.py). The api-version is
   `API_VERSION` unless the base URL carries one: `https://<resource>.openai.azure.com?api-version=2025-04-01-preview`.
 - The v1 API: `base-url: https://<resource>.openai.azure.com/openai/v1`. Plain OpenAI paths with no
   api-version; the deployment name travels in the body's `model`, rewritten as for OpenAI when it differs.
@@ -24,10 +25,9 @@ from typing import ClassVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from adapters.base import RETRYABLE_STATUSES
-from adapters.openai import _relayable
+from adapters.openai import _STREAM, _relayable, upstream_body
 from proxy.config import ProviderConfig
 from proxy.errors import UpstreamStatus
-from proxy.schema import rewrite
 from proxy.upstream import Target
 
 # The latest GA data-plane inference version (Azure OpenAI REST reference); previews via `?api-version=`.
@@ -92,9 +92,11 @@ class AzureOpenAIAdapter:
         )
 
     def request_body(self, body: bytes, public_model: str, upstream_model: str, strip: bool) -> bytes:
-        if not strip and (not self._v1 or public_model == upstream_model):
+        same = not strip and (not self._v1 or public_model == upstream_model)
+        usage = _STREAM in body  # may stream: ask for the usage chunk, as adapters/openai.py does
+        if same and not usage:
             return body  # zero-copy: a deployment URL makes the body's `model` irrelevant
-        return rewrite(body, upstream_model if self._v1 else public_model, strip)
+        return upstream_body(body, upstream_model if self._v1 else public_model, strip, (), usage, same)
 
     def parse_response(self, body: bytes, model: str) -> bytes:
         return body

@@ -92,6 +92,8 @@ def gateway_config(
 
 def start_gateway(name: str, port: int, config: str, plan: CpuPlan, log_dir: Path) -> Service:
     path = log_dir / f"{name}.yaml"
+    if "\naccounting:" not in "\n" + config:  # the ledger goes with the run's logs, not into the repo
+        config += f'accounting: {{store: {{path: "{log_dir / (name + ".db")}"}}}}\n'
     path.write_text(config)
     service = Service(name, ["-m", "proxy", "serve", "--config", str(path), "--workers", "1"], plan.proxy, log_dir)
     try:

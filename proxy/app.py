@@ -16,6 +16,8 @@ from aiohttp import web
 
 from health.monitor import Monitor
 from health.probes import expire_loop, probe_provider
+from proxy.accounting.accountant import Accountant
+from proxy.accounting.admin import AdminAPI
 from proxy.accounting.keys import KeyRing
 from proxy.cache import ResponseCache
 from proxy.config import BUILTIN_DEMO, Config
@@ -24,6 +26,7 @@ from proxy.forward import Forwarder
 from proxy.handlers import Gateway, error_middleware
 from proxy.messages import messages_handler
 from proxy.router import Router, build_table
+from proxy.store import open_store
 from proxy.upstream import new_client
 
 GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway", Gateway)
@@ -54,7 +57,17 @@ def build_app(cfg: Config) -> web.Application:
 
 
 def new_gateway(cfg: Config) -> Gateway:
-    return Gateway(KeyRing(cfg.keys), cfg.server.max_body_bytes, cfg.server.body_timeout_s)
+    """Built before the loop runs (the store is opened by `lifecycle`, in each worker after the fork)."""
+    keys = KeyRing(cfg.keys)
+    accountant = Accountant(cfg.accounting, open_store(cfg.accounting.store), keys)
+    return Gateway(keys, accountant, cfg.server.max_body_bytes, cfg.server.body_timeout_s)
+
+
+def admin_api(gw: Gateway) -> AdminAPI:
+    acct = gw.accountant
+    return AdminAPI(
+        acct.store, gw.keys.check, gw.keys.is_admin, acct.reload_keys, acct.credits.unsettled, acct.ledger.pending
+    )
 
 
 @contextlib.asynccontextmanager
@@ -71,8 +84,12 @@ async def lifecycle(cfg: Config, gw: Gateway) -> AsyncIterator[None]:
     rng = random.Random()
     router = Router(table, monitor, rng)
     cache = ResponseCache(cfg.cache)  # memory: cheap until used; per-request opt-in needs it anyway
+    acct = gw.accountant
+    await acct.start()
     gw.attach(
-        Forwarder(router, monitor, client, cfg.routing, cfg.server.max_response_bytes, clock, cache, cfg.cache.enabled)
+        Forwarder(
+            router, monitor, client, cfg.routing, cfg.server.max_response_bytes, clock, cache, cfg.cache.enabled, acct
+        )
     )
     background = [asyncio.create_task(expire_loop(monitor))]
     for p in cfg.providers:
@@ -90,6 +107,7 @@ async def lifecycle(cfg: Config, gw: Gateway) -> AsyncIterator[None]:
         for task in background:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await acct.stop()  # after the drain: the last requests' records are in the queue
         await client.close()
         await cache.close()
         if demo_runner is not None:
@@ -104,6 +122,8 @@ def routes(gw: Gateway) -> list[Route]:
         ("POST", "/v1/embeddings", gw.embeddings),
         ("POST", "/v1/messages", messages_handler(gw)),  # Anthropic's Messages API
         ("GET", "/v1/models", gw.models),
+        ("GET", "/api/v1/models", gw.models),
+        *(admin_api(gw).routes() if gw.accountant.cfg.enabled else ()),
         ("GET", "/api/v1/providers", gw.providers),
         ("GET", "/api/v1/endpoints", gw.providers),
         ("GET", "/livez", gw.livez),

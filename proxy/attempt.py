@@ -24,6 +24,7 @@ import msgspec
 from adapters.base import Transcoder, transcoded
 from health.monitor import Monitor
 from health.window import Outcome
+from proxy.accounting.accountant import Generation
 from proxy.errors import (
     GatewayError,
     UpstreamError,
@@ -264,11 +265,12 @@ async def run_attempt(
     deadline: float,
     max_response_bytes: int,
     front: Front | None = None,
+    gen: Generation | None = None,
 ) -> Committed:
     """Send one attempt and run it to its commit point, recording its start in the endpoint's health.
 
     Raises an UpstreamError on failure (after recording it), Relay for a client-fault answer. On success the
-    caller owns the response and records the outcome in the monitor once the relay is over.
+    caller owns the response and records the outcome in the monitor (and `gen`) once the relay is over.
     """
     adapter = ep.adapter
     target = adapter.target(kind, ep.model, stream)
@@ -346,6 +348,8 @@ async def run_attempt(
             return committed
     except Relay as r:
         monitor.record(ep, Outcome.CLIENT_ERROR, r.committed.ttfb, loop.time() - started)
+        if gen is not None:
+            gen.attempt(ep.provider, ep.key, "client_error", r.committed.status, started, loop.time())
         raise
     except (UpstreamError, TimeoutError) as e:
         if resp is not None:
@@ -360,10 +364,16 @@ async def run_attempt(
         if err.upstream is None:
             err.upstream = ep.provider
         retry_after = err.upstream_headers.get("Retry-After") if isinstance(err, UpstreamStatus) else None
-        monitor.record(ep, outcome_of(err), None, loop.time() - started, retry_after=retry_after)
+        outcome = outcome_of(err)
+        monitor.record(ep, outcome, None, loop.time() - started, retry_after=retry_after)
+        if gen is not None:
+            status = err.upstream_status if isinstance(err, UpstreamStatus) else 0
+            gen.attempt(ep.provider, ep.key, outcome.name.lower(), status, started, loop.time())
         raise err from None
     except BaseException:  # cancelled: a hedge lost, or the client left
         if resp is not None:
             resp.release()
         monitor.record(ep, Outcome.CANCELLED, None, loop.time() - started)
+        if gen is not None:
+            gen.attempt(ep.provider, ep.key, "cancelled", 0, started, loop.time())
         raise

@@ -20,6 +20,7 @@ import msgspec
 import yaml
 
 from health.state import EjectionConfig
+from proxy.accounting.settings import AccountingConfig
 from proxy.affinity import AffinityConfig
 from proxy.cache import CacheConfig
 from proxy.structs import Base, PositiveFloat
@@ -59,16 +60,26 @@ class ProviderConfig(Base):
     probe: ProbeConfig = ProbeConfig()
 
 
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+
+
 class Price(Base):
-    input: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # USD per million prompt tokens
-    output: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # USD per million completion tokens
+    """USD per million tokens (`request`: USD per request). Absent cache and reasoning rates are the input's and
+    the output's: a provider that does not price them apart bills them as ordinary tokens."""
+
+    input: NonNegative = 0.0  # prompt tokens neither read from nor written to the provider's prompt cache
+    output: NonNegative = 0.0  # completion tokens
+    cache_read: NonNegative | None = None  # prompt tokens read from the cache (None: as input)
+    cache_write: NonNegative | None = None  # prompt tokens written to the cache (None: as input)
+    reasoning: NonNegative | None = None  # reasoning tokens, part of the completion (None: as output)
+    request: NonNegative = 0.0  # per request, whatever its tokens
 
 
 class EndpointConfig(Base):
     provider: str  # a provider's name
     model: str  # the upstream's own model name
     weight: Annotated[float, msgspec.Meta(gt=0, le=1000)] = 1.0
-    price: Price = Price()
+    price: Price | None = None  # None: the catalog's (proxy/accounting/catalog.yaml), else zero
 
 
 class HedgeConfig(Base):
@@ -86,6 +97,8 @@ class ModelConfig(Base):
     endpoints: list[EndpointConfig]
     hedge: HedgeConfig = HedgeConfig()
     cache: bool = False  # serve repeated deterministic requests from the response cache
+    context_length: Annotated[int, msgspec.Meta(gt=0)] | None = None  # tokens; None: the catalog's
+    max_output: Annotated[int, msgspec.Meta(gt=0)] | None = None  # completion tokens; None: the catalog's
 
 
 class RoutingConfig(Base):
@@ -100,6 +113,10 @@ class KeyConfig(Base):
     name: str  # label for logs; never the secret
     key: str | None = None  # plaintext, usually "${HEDGEROW_API_KEY}"; hashed at load, then dropped
     key_sha256: str | None = None  # or the hex SHA-256 of the key, so the file holds no secret
+    admin: bool = False  # a provisioning key: manages keys and credits (/api/v1/keys…), never calls models
+    org: str = "org_default"  # the organisation whose credits this key spends
+    rpm: Annotated[int, msgspec.Meta(ge=1)] | None = None  # requests per minute; None: unlimited
+    tpm: Annotated[int, msgspec.Meta(ge=1)] | None = None  # tokens per minute; None: unlimited
 
 
 class ServerConfig(Base):
@@ -120,6 +137,7 @@ class Config(Base):
     server: ServerConfig = ServerConfig()
     routing: RoutingConfig = RoutingConfig()
     cache: CacheConfig = CacheConfig()
+    accounting: AccountingConfig = AccountingConfig()
     providers: list[ProviderConfig] = []
     models: list[ModelConfig] = []
     keys: list[KeyConfig] = []
@@ -233,7 +251,8 @@ def _convert_all(tree: dict[str, Any], problems: list[str]) -> Config | None:
             except msgspec.ValidationError as e:
                 problems.append(_at(e, f"$.{key}[{i}]"))
         parts[key] = good
-    for key, typ in (("server", ServerConfig), ("routing", RoutingConfig), ("cache", CacheConfig)):
+    sections = (("server", ServerConfig), ("routing", RoutingConfig), ("cache", CacheConfig))
+    for key, typ in (*sections, ("accounting", AccountingConfig)):
         if key in tree:
             try:
                 parts[key] = msgspec.convert(tree[key], typ)
@@ -304,6 +323,13 @@ def validate(cfg: Config) -> list[str]:
             )
     if not cfg.keys:
         problems.append("no gateway keys configured - at `$.keys`")
+    if cfg.accounting.catalog is not None:
+        from proxy.accounting.catalog import load_catalog  # late: the catalog module imports this one
+
+        try:
+            load_catalog(cfg.accounting.catalog)
+        except ConfigError as e:
+            problems.extend(f"{p} (the catalog named at `$.accounting.catalog`)" for p in e.problems)
     return problems
 
 

@@ -4,11 +4,15 @@
   * ClientError                4xx                        the caller's fault; never counts against an upstream
     * BadRequest               400 invalid_request_error
     * Unauthorized             401 authentication_error
+    * PaymentRequired          402 insufficient_quota     the key's or organisation's credit cannot cover it
+    * Forbidden                403 permission_error       a valid key without the right (admin, model)
     * NotFound                 404 invalid_request_error  unknown route
       * UnknownModel           404 model_not_found
     * MethodNotAllowed         405 invalid_request_error
     * RequestTimeout           408 timeout                client too slow sending its request
+    * Conflict                 409 invalid_request_error  creating what already exists
     * PayloadTooLarge          413 invalid_request_error
+    * RateLimited              429 rate_limit_error       the key's rpm/tpm; Retry-After and X-RateLimit-*
     * HeadersTooLarge          431 invalid_request_error  request head over the server's limit
   * Unavailable                503 service_unavailable    draining, or no endpoint can serve the model
   * UpstreamError              502 upstream_error         counts against the upstream's health
@@ -79,6 +83,35 @@ class Unauthorized(ClientError):
     kind = "auth"
 
 
+class PaymentRequired(ClientError):
+    status = 402
+    openai_type = "insufficient_quota"
+    code = "insufficient_quota"
+    kind = "credit"
+
+
+class Forbidden(ClientError):
+    status = 403
+    openai_type = "permission_error"
+    code = "permission_denied"
+    kind = "auth"
+
+
+class RateLimited(ClientError):
+    status = 429
+    openai_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+    kind = "rate_limit"
+
+    def __init__(self, message: str, retry_after: int, limit_headers: dict[str, str]) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.limit_headers = limit_headers
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after), **self.limit_headers}
+
+
 class NotFound(ClientError):
     status = 404
     code = "not_found"
@@ -91,6 +124,11 @@ class UnknownModel(NotFound):
 class MethodNotAllowed(ClientError):
     status = 405
     code = "method_not_allowed"
+
+
+class Conflict(ClientError):
+    status = 409
+    code = "conflict"
 
 
 class RequestTimeout(ClientError):

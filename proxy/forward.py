@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable, Mapping
 
 import orjson
@@ -21,6 +22,17 @@ from aiohttp import web
 
 from health.monitor import Monitor
 from health.window import Outcome
+from proxy.accounting.accountant import Accountant, Generation, worst_case
+from proxy.accounting.usage import (
+    Usage,
+    price_usage,
+    splice_usage,
+    usage_cost_fields,
+    usage_from_body,
+    usage_from_messages_body,
+    usage_from_messages_stream,
+    usage_from_stream,
+)
 from proxy.affinity import PrefixAffinity, prefix_key
 from proxy.attempt import Committed, Front, Relay, run_attempt
 from proxy.budget import Budget
@@ -37,9 +49,10 @@ from proxy.errors import (
 from proxy.preferences import fallback_models, provider_prefs
 from proxy.router import Endpoint, ModelRoute, Router
 from proxy.schema import _View
-from proxy.stream import KEEPALIVE, SSE_HEADERS, pipe, prepare
+from proxy.stream import KEEPALIVE, SSE_HEADERS, pipe, prepare, whole_events
 from proxy.upstream import UpstreamClient
 
+_FINISH = re.compile(rb'"(?:finish_reason|stop_reason)"\s*:\s*"([a-z_]+)"')  # OpenAI's, Anthropic's
 GENERATION_HEADER = "X-Hedgerow-Generation-Id"
 PROVIDER_HEADER = "X-Hedgerow-Provider"
 ENDPOINT_HEADER = "X-Hedgerow-Endpoint"
@@ -67,6 +80,7 @@ class Forwarder:
 
     __slots__ = (
         "_hedge_budgets",
+        "accountant",
         "affinity",
         "cache",
         "cache_all",
@@ -89,8 +103,10 @@ class Forwarder:
         clock: Callable[[], float],
         cache: ResponseCache | None = None,
         cache_all: bool = False,
+        accountant: Accountant | None = None,
     ) -> None:
         self.router = router
+        self.accountant = accountant  # None: no credits to reserve (tests of routing alone)
         self.cache = cache  # None: no model caches and the backend was never built
         self.cache_all = cache_all  # cache every model, not only those with `cache: true`
         self.affinity = PrefixAffinity(config.affinity, clock) if config.affinity.enabled else None
@@ -112,26 +128,35 @@ class Forwarder:
         kind: str,
         view: _View,
         body: bytes,
-        gen_id: str,
-        key_name: str,
+        gen: Generation,
         front: Front | None = None,
     ) -> web.StreamResponse:
         route, plan = self.router.plan(view.model, provider_prefs(view.provider), fallback_models(view.models), body)
         plan = [ep for ep in plan if ep.adapter.target(kind, ep.model, view.stream) is not None]
         if not plan:
             raise BadRequest(f"model `{view.model}` does not support this endpoint", param="model")
-        headers = {GENERATION_HEADER: gen_id}
+        headers = {GENERATION_HEADER: gen.id}
+        if gen.headers:
+            headers.update(gen.headers)
         store_key = None
         if self.cache is not None and self._wants_cache(route, request.headers):
             lookup, store = cache_control(request.headers.get("Cache-Control"))
-            ckey = cache_key(kind if front is None else front.kind, route.name, body, view.stream, scope=key_name)
+            ckey = cache_key(kind if front is None else front.kind, route.name, body, view.stream, scope=gen.key.id)
             headers[CACHE_HEADER] = BYPASS if ckey is None or not (lookup or store) else MISS
             if ckey is not None and lookup:
                 hit = await self.cache.get(ckey)
                 if hit is not None:
+                    gen.endpoint, gen.status = "cache", 200  # no upstream, no cost
                     return await _replay(request, hit, view.stream, headers)
             if ckey is not None and store:
                 store_key = ckey
+        acct = self.accountant
+        if acct is not None:
+            if acct.metered(gen):
+                cap = view.output_cap() or route.max_output or route.context_length
+                await acct.reserve(gen, worst_case(len(body), cap, [ep.price for ep in plan]))
+            else:
+                acct.unmetered(gen)
         affinity_key = None
         if self.affinity is not None and kind == "chat" and len(plan) > 1:
             affinity_key = prefix_key(body, self.config.affinity.prefix_bytes)
@@ -145,18 +170,22 @@ class Forwarder:
         run.candidates = len(plan) if view.provider or view.models else max(len(plan), len(route.endpoints))
         try:
             if hedge_delay is None and not view.stream:
-                await self._sequential(run, kind, view, body, plan, front)
+                await self._sequential(run, kind, view, body, plan, gen, front)
             else:
-                await self._race(run, request, kind, view, body, route, plan, hedge_delay, headers, front)
+                await self._race(run, request, kind, view, body, route, plan, hedge_delay, headers, gen, front)
         except Relay as r:
             c = r.committed
             headers[PROVIDER_HEADER] = c.ep.provider
+            gen.provider, gen.endpoint, gen.status = c.ep.provider, c.ep.key, c.status
             return _relay(c, headers)
         except GatewayError as e:
             if run.down is not None:  # keep-alives already opened the stream: end it with the error
+                gen.status = 200
                 await run.down.write(e.sse_event() if front is None else front.sse_error(e))
                 return run.down
             raise
+        finally:
+            gen.hedge = run.hedge
         c = run.committed
         assert c is not None
         if affinity_key is not None and self.affinity is not None:
@@ -166,16 +195,37 @@ class Forwarder:
         headers[ATTEMPTS_HEADER] = str(run.attempts)
         if run.hedge:
             headers[HEDGED_HEADER] = run.hedge
+        gen.status = c.status
+        gen.ttft = c.started + c.ttfb - gen.started
         if c.body is not None:
-            self.monitor.record(c.ep, Outcome.OK, c.ttfb, self.clock() - c.started)
+            body_out = c.body
+            usage = usage_from_body(body_out) if front is None else usage_from_messages_body(body_out)
+            self._served(gen, c, usage, Outcome.OK, c.ttfb, self.clock() - c.started, body_out)
+            fields = gen.cost_fields() if front is None else None
+            if fields is not None:
+                body_out = splice_usage(body_out, fields) or body_out
             headers["Content-Type"] = c.ctype
             if store_key is not None and c.status == 200 and not view.stream:
                 self._store(store_key, c.body)
             if run.down is not None:  # stream requested, upstream answered JSON, keep-alives already sent
-                await run.down.write(c.body)
+                await run.down.write(body_out)
                 return run.down
-            return web.Response(body=c.body, status=c.status, headers=headers)
-        return await self._relay_stream(request, run, c, headers, store_key, front)
+            return web.Response(body=body_out, status=c.status, headers=headers)
+        return await self._relay_stream(request, run, c, headers, store_key, gen, front)
+
+    def _served(
+        self, gen: Generation, c: Committed, usage: Usage | None, outcome: Outcome, ttfb: float, took: float, end: bytes
+    ) -> None:
+        """The winning attempt ended: its health sample, its ledger entry, its cost. `end`: the body, or the
+        stream's tail, where the finish reason is."""
+        tokens = usage.completion_tokens if usage is not None else 0
+        reasons = _FINISH.findall(end)
+        if reasons:
+            gen.finish_reason = reasons[-1].decode()
+        self.monitor.record(c.ep, outcome, ttfb, took, tokens)
+        gen.attempt(c.ep.provider, c.ep.key, outcome.name.lower(), c.status, c.started, c.started + took)
+        fee = self.accountant.cfg.fee if self.accountant is not None else 0.0
+        gen.served(c.ep.provider, c.ep.key, usage, c.ep.price, fee)
 
     def _wants_cache(self, route: ModelRoute, headers: Mapping[str, str]) -> bool:
         asked = headers.get(CACHE_REQUEST_HEADER)
@@ -195,28 +245,47 @@ class Forwarder:
         c: Committed,
         headers: dict[str, str],
         store_key: str | None,
+        gen: Generation,
         front: Front | None,
     ) -> web.StreamResponse:
         assert c.chunks is not None
-        outcome, tokens = Outcome.CANCELLED, 0
+        outcome, tail = Outcome.CANCELLED, b""
         target = c.ep.adapter.target("chat", c.ep.model, True)
         deadline = c.started + (target.timeouts.total_s if target else 900.0)
         collect: list[bytes] | None = [] if store_key is not None else None
+        prefix, chunks = c.prefix, c.chunks
+        if front is None and gen.include_cost:
+            prefix, chunks = b"", whole_events(prefix, chunks, self._cost_splicer(c))
         try:
             down = run.down
             if down is None:
                 headers.update(SSE_HEADERS)
                 down = await prepare(request, c.status, headers)
             if front is None:
-                outcome, tokens = await pipe(down, c.prefix, c.chunks, deadline, collect)
+                outcome, tail = await pipe(down, prefix, chunks, deadline, collect)
             else:
-                outcome, tokens = await pipe(down, c.prefix, c.chunks, deadline, collect, front.sse_error, front.tokens)
+                outcome, tail = await pipe(down, prefix, chunks, deadline, collect, front.sse_error)
             if collect is not None and store_key is not None and outcome == Outcome.OK:
                 self._store(store_key, b"".join(collect))
             return down
         finally:
             c.resp.release()  # no-op after a clean end; closes the upstream connection otherwise
-            self.monitor.record(c.ep, outcome, c.ttfb, self.clock() - c.started, tokens)
+            usage = None
+            if tail:
+                usage = usage_from_stream(tail) if front is None else usage_from_messages_stream(c.prefix, tail)
+            self._served(gen, c, usage, outcome, c.ttfb, self.clock() - c.started, tail)
+
+    def _cost_splicer(self, c: Committed) -> Callable[[bytes], bytes]:
+        """Prices the usage event as it passes and adds `cost` to it (the client asked for it)."""
+        fee = self.accountant.cfg.fee if self.accountant is not None else 0.0
+
+        def splice(events: bytes) -> bytes:
+            usage = usage_from_stream(events)
+            if usage is None:
+                return events
+            return splice_usage(events, usage_cost_fields(price_usage(usage, c.ep.price, fee))) or events
+
+        return splice
 
     def _hedge_delay(
         self, route: ModelRoute, plan: list[Endpoint], headers: Mapping[str, str], stream: bool
@@ -249,7 +318,14 @@ class Forwarder:
         return b
 
     async def _sequential(
-        self, run: Attempts, kind: str, view: _View, body: bytes, plan: list[Endpoint], front: Front | None
+        self,
+        run: Attempts,
+        kind: str,
+        view: _View,
+        body: bytes,
+        plan: list[Endpoint],
+        gen: Generation,
+        front: Front | None,
     ) -> None:
         """Failover without hedging: one attempt at a time, inline (no task per request)."""
         strip = view.has_gateway_fields()
@@ -261,7 +337,7 @@ class Forwarder:
             try:
                 run.committed = await run_attempt(
                     self.client, self.monitor, ep, kind, body, view.model, strip, view.stream,
-                    self._deadline(ep, kind), self.max_response_bytes, front,
+                    self._deadline(ep, kind), self.max_response_bytes, front, gen,
                 )  # fmt: skip
                 return
             except UpstreamError as e:
@@ -279,6 +355,7 @@ class Forwarder:
         plan: list[Endpoint],
         hedge_delay: float | None,
         headers: dict[str, str],
+        gen: Generation,
         front: Front | None,
     ) -> None:
         """Attempts as tasks: failover on errors, one hedge after the delay, SSE keep-alives while waiting."""
@@ -298,7 +375,7 @@ class Forwarder:
             t = loop.create_task(
                 run_attempt(
                     self.client, self.monitor, ep, kind, body, view.model, strip, view.stream,
-                    self._deadline(ep, kind), self.max_response_bytes, front,
+                    self._deadline(ep, kind), self.max_response_bytes, front, gen,
                 )
             )  # fmt: skip
             tasks[t] = ep

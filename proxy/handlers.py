@@ -14,8 +14,12 @@ import os
 import orjson
 from aiohttp import web
 
+from proxy.accounting.accountant import Accountant
+from proxy.accounting.catalog import model_entry
 from proxy.accounting.keys import KeyRing
+from proxy.attempt import Front
 from proxy.errors import (
+    Forbidden,
     GatewayError,
     MethodNotAllowed,
     NotFound,
@@ -24,7 +28,8 @@ from proxy.errors import (
     Unavailable,
 )
 from proxy.forward import Forwarder
-from proxy.schema import decode_view
+from proxy.schema import _View, decode_view
+from proxy.store.base import KeyRecord
 
 log = logging.getLogger("hedgerow")
 
@@ -32,10 +37,20 @@ log = logging.getLogger("hedgerow")
 class Gateway:
     """Everything a handler needs, built once per worker (see app.py)."""
 
-    __slots__ = ("_ids", "body_timeout_s", "draining", "forwarder", "keys", "max_body_bytes", "models_body")
+    __slots__ = (
+        "_ids",
+        "accountant",
+        "body_timeout_s",
+        "draining",
+        "forwarder",
+        "keys",
+        "max_body_bytes",
+        "models_body",
+    )
 
-    def __init__(self, keys: KeyRing, max_body_bytes: int, body_timeout_s: float) -> None:
+    def __init__(self, keys: KeyRing, accountant: Accountant, max_body_bytes: int, body_timeout_s: float) -> None:
         self.keys = keys
+        self.accountant = accountant
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
         self.draining = False
@@ -44,22 +59,14 @@ class Gateway:
         self.forwarder: Forwarder
         self.models_body = b""
 
-    def generation_id(self) -> str:
-        return next(self._ids)
-
     def attach(self, forwarder: Forwarder) -> None:
-        """Set at startup, once the upstream client and the route table exist."""
+        """Set at startup, once the upstream client and the route table exist. The model list is OpenAI's
+        (`id`, `object`, `created`, `owned_by`) and OpenRouter's (`name`, `context_length`, `pricing` of the
+        first endpoint in USD per token, `top_provider`, `supported_parameters`), built once."""
         self.forwarder = forwarder
         table = forwarder.table
-        self.models_body = orjson.dumps(
-            {
-                "object": "list",
-                "data": [
-                    {"id": m, "object": "model", "created": 0, "owned_by": table.models[m].endpoints[0].provider}
-                    for m in table.public
-                ],
-            }
-        )
+        data = [model_entry(table.models[m]) for m in table.public]
+        self.models_body = orjson.dumps({"object": "list", "data": data})
 
     async def read_body(self, request: web.Request) -> bytes:
         length = request.content_length
@@ -75,11 +82,37 @@ class Gateway:
         except TimeoutError:
             raise RequestTimeout(f"request body not received within {self.body_timeout_s:g}s") from None
 
+    def caller(self, key: KeyRecord) -> KeyRecord:
+        """A key that may call models (provisioning keys may not: they hold no credit of their own)."""
+        if self.keys.is_admin(key):
+            raise Forbidden("a provisioning key manages keys and credits; it cannot call models")
+        return key
+
     async def _proxy(self, request: web.Request, kind: str) -> web.StreamResponse:
-        key_name = self.keys.check(request.headers.get("Authorization"))
+        key = self.caller(self.keys.check(request.headers.get("Authorization")))
         body = await self.read_body(request)
-        view = decode_view(kind, body)
-        return await self.forwarder.forward(request, kind, view, body, next(self._ids), key_name)
+        return await self.serve(request, kind, decode_view(kind, body), body, key)
+
+    async def serve(
+        self, request: web.Request, kind: str, view: _View, body: bytes, key: KeyRecord, front: Front | None = None
+    ) -> web.StreamResponse:
+        """Forward one request, accounted: rate limits first, then the forwarder (which reserves credit once it
+        knows the candidate endpoints); the generation is recorded however the request ends."""
+        acct = self.accountant
+        usage = view.usage
+        gen = acct.begin(next(self._ids), key, view.model, view.stream, usage is not None and usage.include)
+        try:
+            await acct.admit(gen)
+            return await self.forwarder.forward(request, kind, view, body, gen, front)
+        except GatewayError as e:
+            gen.status = e.status
+            raise
+        except BaseException:  # the client left (cancelled, or its connection reset mid-stream)
+            gen.cancelled = True
+            gen.status = gen.status or 499
+            raise
+        finally:
+            acct.finish(gen)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._proxy(request, "chat")

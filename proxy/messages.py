@@ -106,14 +106,14 @@ def messages_handler(gw: Gateway) -> Callable[[web.Request], Awaitable[web.Strea
 
     async def messages(request: web.Request) -> web.StreamResponse:
         try:
-            key_name = gw.keys.check_secret(_secret(request))
+            key = gw.caller(gw.keys.check_secret(_secret(request)))
             body = await gw.read_body(request)
             view = decode_view("messages", body)
             assert isinstance(view, MessagesView)
-            if view.max_tokens < 1:
+            if not view.max_tokens or view.max_tokens < 1:
                 raise BadRequest("`max_tokens` is required and must be a positive integer", param="max_tokens")
             front = MessagesFront(body, view.model, request.headers.get(BETA_HEADER))
-            return await gw.forwarder.forward(request, "chat", view, body, gw.generation_id(), key_name, front)
+            return await gw.serve(request, "chat", view, body, key, front)
         except GatewayError as e:
             return error_response(request, e, error_body(e.status, e.body()))
         except (asyncio.CancelledError, ConnectionResetError):

@@ -18,6 +18,7 @@ from adapters import REGISTRY, Adapter
 from health.monitor import Monitor
 from health.state import EndpointState
 from health.window import EndpointHealth
+from proxy.accounting.catalog import Catalog, CatalogModel, default_catalog, load_catalog
 from proxy.config import BUILTIN_DEMO, Config, HedgeConfig, Price
 from proxy.errors import BadRequest, Unavailable, UnknownModel
 from proxy.preferences import NO_PREFS, ProviderPrefs, Sort, request_params, split_suffix
@@ -45,13 +46,26 @@ class Endpoint:
 
 
 class ModelRoute:
-    __slots__ = ("cache", "endpoints", "hedge", "name")
+    __slots__ = ("cache", "catalog", "context_length", "endpoints", "hedge", "max_output", "name")
 
-    def __init__(self, name: str, endpoints: tuple[Endpoint, ...], hedge: HedgeConfig, cache: bool) -> None:
+    def __init__(
+        self,
+        name: str,
+        endpoints: tuple[Endpoint, ...],
+        hedge: HedgeConfig,
+        cache: bool,
+        *,
+        context_length: int | None = None,
+        max_output: int | None = None,
+        catalog: CatalogModel | None = None,
+    ) -> None:
         self.name = name
         self.endpoints = endpoints
         self.hedge = hedge
         self.cache = cache
+        self.context_length = context_length  # tokens: the config's, else the catalog's; None if unknown
+        self.max_output = max_output  # completion tokens, likewise
+        self.catalog = catalog  # the catalog's entry for this model (display name, parameters), if any
 
 
 class RouteTable:
@@ -68,8 +82,14 @@ class RouteTable:
         return r
 
 
-def build_table(cfg: Config, builtin_urls: Mapping[str, str], clock: Callable[[], float]) -> RouteTable:
-    """Build adapters (one per provider), endpoints (one per provider + upstream model) and the table."""
+def build_table(
+    cfg: Config, builtin_urls: Mapping[str, str], clock: Callable[[], float], catalog: Catalog | None = None
+) -> RouteTable:
+    """Build adapters (one per provider), endpoints (one per provider + upstream model) and the table.
+    Prices, context lengths and max outputs the config leaves out come from `catalog` (default: the bundled)."""
+    if catalog is None:
+        catalog = default_catalog() if cfg.accounting.catalog is None else load_catalog(cfg.accounting.catalog)
+    providers = {p.name: p for p in cfg.providers}
     adapters: dict[str, Adapter] = {}
     weights: dict[str, float] = {}
     for p in cfg.providers:
@@ -84,9 +104,19 @@ def build_table(cfg: Config, builtin_urls: Mapping[str, str], clock: Callable[[]
             key = f"{e.provider}/{e.model}"
             if key not in shared:
                 w = e.weight * weights[e.provider]
-                shared[key] = Endpoint(e.provider, e.model, adapters[e.provider], w, e.price, clock)
+                price = catalog.resolve_price(e.price, providers[e.provider], e.model)
+                shared[key] = Endpoint(e.provider, e.model, adapters[e.provider], w, price, clock)
             eps.append(shared[key])
-        models[m.name] = ModelRoute(m.name, tuple(eps), m.hedge, m.cache)
+        entry, ctx, out = catalog.limits(m.name, [(providers[e.provider], e.model) for e in m.endpoints])
+        models[m.name] = ModelRoute(
+            m.name,
+            tuple(eps),
+            m.hedge,
+            m.cache,
+            context_length=m.context_length or ctx,
+            max_output=m.max_output or out,
+            catalog=entry,
+        )
     # "gpt-4o-mini" finds "openai/gpt-4o-mini" when exactly one public name ends that way.
     short: dict[str, list[str]] = {}
     for name in models:

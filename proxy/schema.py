@@ -14,7 +14,13 @@ from proxy.errors import BadRequest
 
 # OpenRouter-style routing fields the gateway consumes; an upstream must not see them (OpenAI rejects
 # unknown parameters with a 400).
-GATEWAY_FIELDS = ("provider", "models", "route", "transforms")
+GATEWAY_FIELDS = ("provider", "models", "route", "transforms", "usage")
+
+
+class UsageOption(msgspec.Struct, gc=False):
+    """OpenRouter's `"usage": {"include": true}`: put the cost in the final usage (accounting/settings.py)."""
+
+    include: bool = False
 
 
 class _View(msgspec.Struct, gc=False):
@@ -24,9 +30,16 @@ class _View(msgspec.Struct, gc=False):
     models: msgspec.Raw = msgspec.Raw()
     route: msgspec.Raw = msgspec.Raw()
     transforms: msgspec.Raw = msgspec.Raw()
+    usage: UsageOption | None = None
+    max_tokens: int | None = None  # the worst case a credit reservation must cover (accounting/accountant.py)
+    max_completion_tokens: int | None = None
 
     def has_gateway_fields(self) -> bool:
-        return bool(self.provider or self.models or self.route or self.transforms)
+        return bool(self.provider or self.models or self.route or self.transforms) or self.usage is not None
+
+    def output_cap(self) -> int | None:
+        """The most completion tokens the client allows, if it said."""
+        return self.max_completion_tokens or self.max_tokens
 
 
 class ChatView(_View, gc=False):
@@ -45,7 +58,7 @@ class MessagesView(_View, gc=False):
     """Anthropic's Messages API (proxy/messages.py): its routing fields are chat's, by the same names."""
 
     messages: list[msgspec.Raw] = msgspec.field(default_factory=list)  # required; checked below
-    max_tokens: int = 0  # required by Anthropic; checked by the handler
+    max_tokens: int | None = 0  # required by Anthropic; checked by the handler
 
 
 _decoders = {

@@ -10,7 +10,6 @@ Usage is read from a small tail of the stream at its end, not by parsing every e
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
@@ -27,7 +26,6 @@ Downstream = web.StreamResponse | LeanStream
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: clients ignore it, idle timers along the way reset
 _TAIL = 4096  # the usage chunk is the last event but [DONE]; a few KiB always hold it
-_COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 
 
 async def prepare(request: web.Request | LeanRequest, status: int, headers: dict[str, str]) -> Downstream:
@@ -46,14 +44,13 @@ async def pipe(
     deadline: float,
     collect: list[bytes] | None = None,
     error_event: Callable[[GatewayError], bytes] | None = None,
-    tokens: re.Pattern[bytes] = _COMPLETION_TOKENS,
-) -> tuple[Outcome, int]:
+) -> tuple[Outcome, bytes]:
     """Write `prefix`, then the rest of the stream, until it ends, fails, or the deadline passes.
 
-    Returns the outcome for the endpoint's health and the completion tokens the stream reported (0 if none).
-    Client disconnects propagate (the caller releases the upstream and records a cancellation). With
-    `collect`, every relayed chunk is also appended to it (for the response cache; off otherwise).
-    Another client API's stream (proxy/messages.py) brings its own `error_event` and `tokens` pattern.
+    Returns the outcome for the endpoint's health and the stream's tail (the last few KiB relayed, where the
+    usage event is). Client disconnects propagate (the caller releases the upstream and records a
+    cancellation). With `collect`, every relayed chunk is also appended to it (for the response cache; off
+    otherwise). Another client API's stream (proxy/messages.py) brings its own `error_event`.
     """
     prev, last = b"", prefix  # the last two chunks hold the usage event; no copy per chunk
     outcome = Outcome.OK
@@ -75,5 +72,32 @@ async def pipe(
     except GatewayError as e:
         outcome = Outcome.PROTOCOL
         await down.write(e.sse_event() if error_event is None else error_event(e))
-    found = tokens.findall(prev[-_TAIL:] + last[-_TAIL:])
-    return outcome, int(found[-1]) if found else 0
+    return outcome, prev[-_TAIL:] + last[-_TAIL:]
+
+
+async def whole_events(
+    prefix: bytes, chunks: AsyncIterator[bytes], edit: Callable[[bytes], bytes]
+) -> AsyncIterator[bytes]:
+    """The stream re-cut at event boundaries, each run of complete events passed through `edit` (the cost
+    splice into the usage event). Used only when the client asked for cost in its usage: the plain relay
+    never waits for an event to complete."""
+    carry = b""
+    async for data in _chain(prefix, chunks):
+        if carry:
+            data = carry + data
+        end = data.rfind(b"\n\n")
+        if end == -1:
+            carry = data
+            continue
+        end += 2
+        carry = data[end:]
+        yield edit(data[:end]) if b'"usage"' in data else data[:end]
+    if carry:
+        yield carry
+
+
+async def _chain(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    if first:
+        yield first
+    async for data in rest:
+        yield data

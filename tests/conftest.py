@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -12,9 +14,11 @@ import msgspec
 import pytest
 import yaml
 
+from proxy.accounting.settings import AccountingConfig, StoreConfig
 from proxy.config import Config, parse
 from proxy.server import serve
 from tests.fakes import FakeUpstream
+from tests.redis_server import RedisServer, redis_server
 
 KEY = "sk-test-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -78,6 +82,14 @@ def gateway_config(
     return parse(yaml.safe_dump(tree), "yaml", env={})
 
 
+def in_dir(acct: AccountingConfig, directory: Path) -> AccountingConfig:
+    """The config's SQLite ledger moved into a test's own directory (unless the test chose a file itself)."""
+    if acct.store.kind != "sqlite" or acct.store.path != StoreConfig().path:
+        return acct
+    path = str(directory / f"ledger-{os.urandom(4).hex()}.db")
+    return msgspec.structs.replace(acct, store=msgspec.structs.replace(acct.store, path=path))
+
+
 @dataclass
 class RunningGateway:
     port: int
@@ -98,7 +110,9 @@ GATEWAY_VARIANTS = [
 
 
 @pytest.fixture(params=GATEWAY_VARIANTS)
-async def gateway(request: pytest.FixtureRequest) -> AsyncIterator[Callable[[Config], Awaitable[RunningGateway]]]:
+async def gateway(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[Callable[[Config], Awaitable[RunningGateway]]]:
     """Start gateways with the production runner (head deadline, drain) inside the test's loop; every
     test using it runs once per upstream client implementation, and once more on the lean server engine."""
     client, engine = request.param
@@ -106,7 +120,7 @@ async def gateway(request: pytest.FixtureRequest) -> AsyncIterator[Callable[[Con
 
     async def start(cfg: Config) -> RunningGateway:
         server = msgspec.structs.replace(cfg.server, upstream_client=client, engine=engine)
-        cfg = msgspec.structs.replace(cfg, server=server)
+        cfg = msgspec.structs.replace(cfg, server=server, accounting=in_dir(cfg.accounting, tmp_path))
         ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         stop = asyncio.Event()
         task = asyncio.create_task(serve(cfg, on_ready=ready.set_result, stop=stop))
@@ -128,3 +142,16 @@ async def gateway(request: pytest.FixtureRequest) -> AsyncIterator[Callable[[Con
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+@pytest.fixture(scope="session")
+def redis_session() -> Iterator[RedisServer]:
+    """One redis-server for the session; tests keep apart by key prefix (see `redis_url`)."""
+    with redis_server() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_session: RedisServer, request: pytest.FixtureRequest) -> tuple[str, str]:
+    """(URL, a key prefix unique to this test)."""
+    return redis_session.url, f"t{abs(hash(request.node.nodeid)) % 10**12}:"

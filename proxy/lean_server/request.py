@@ -37,6 +37,7 @@ class LeanRequest:
         "headers",
         "http10",
         "keep_alive",
+        "match_info",
         "method",
         "path",
         "query_string",
@@ -55,6 +56,7 @@ class LeanRequest:
         self.method = ""
         self.path = ""
         self.query_string = ""
+        self.match_info: dict[str, str] = {}  # the trailing `{id}` of a parameterised route
         self.headers: CIMultiDictProxy[str]
         self.content_length: int | None = None
         self.http10 = False

@@ -65,7 +65,13 @@ class LeanServer:
     def route(self, req: LeanRequest) -> Handler:
         methods = self._routes.get(req.path)
         if methods is None:
-            return _not_found
+            # One trailing `{id}` segment (the admin API's /api/v1/keys/{id}), as aiohttp's router matches it;
+            # tried only after the exact lookup missed, so the hot routes never pay for it.
+            head, _, tail = req.path.rpartition("/")
+            methods = self._routes.get(head + "/{id}") if tail else None
+            if methods is None:
+                return _not_found
+            req.match_info = {"id": tail}
         return methods.get(req.method, _method_not_allowed)
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:

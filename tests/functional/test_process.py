@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import openai
@@ -21,11 +22,12 @@ ENGINES = pytest.mark.parametrize("engine", ["aiohttp", "lean"])  # `hedgerow se
 
 
 async def _spawn(*args: str, env: dict[str, str] | None = None) -> tuple[asyncio.subprocess.Process, int]:
-    """Start `python -m proxy …` and wait for its "listening on" line; return the process and its port."""
+    """Start `python -m proxy …` and wait for its "listening on" line; return the process and its port.
+    It runs in a fresh directory, where a config without a store path puts its SQLite ledger."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **(env or {})}, cwd=tempfile.mkdtemp(prefix="hedgerow-node-"),
     )  # fmt: skip
     assert proc.stderr is not None
     async with asyncio.timeout(15):

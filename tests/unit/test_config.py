@@ -119,7 +119,12 @@ def test_check_config_cli_exits_nonzero_and_lists_problems(tmp_path):
 
 
 def test_documented_example_config_is_valid():
-    env = {"HEDGEROW_API_KEY": "sk-example-0123", "OPENAI_API_KEY": "sk-o", "GROQ_API_KEY": "gsk-g"}
+    env = {
+        "HEDGEROW_API_KEY": "sk-example-0123",
+        "HEDGEROW_ADMIN_KEY": "sk-admin-0123",
+        "OPENAI_API_KEY": "sk-o",
+        "GROQ_API_KEY": "gsk-g",
+    }
     cfg = load("deploy/hedgerow.example.yaml", env=env)
     assert [p.name for p in cfg.providers] == ["openai", "groq", "local-vllm"]
     assert len(cfg.models[1].endpoints) == 2

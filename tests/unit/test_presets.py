@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import aiohttp
@@ -12,7 +13,8 @@ import yaml
 from adapters.azure import API_VERSION, AzureOpenAIAdapter
 from adapters.openai import OpenAIAdapter
 from adapters.presets import PRESETS, Preset
-from proxy.config import Config, ConfigError, ProviderConfig, load, parse
+from proxy.config import BUILTIN_DEMO, Config, ConfigError, ProviderConfig, load, parse
+from proxy.router import build_table
 from proxy.upstream import Target
 from tests.conftest import AUTH, KEY
 from tests.fakes import FakeUpstream
@@ -93,8 +95,10 @@ def test_embedded_default_switches_a_preset_provider_on_with_its_key(preset: str
     assert env_var is not None
     cfg = load(env={env_var: "sk-x"})
     assert [p.name for p in cfg.providers] == ["demo", preset]
-    served = [m for m in cfg.models if any(e.provider == preset for e in m.endpoints)]
-    assert served and all(e.price.input > 0 for m in served for e in m.endpoints)
+    served = [m.name for m in cfg.models if any(e.provider == preset for e in m.endpoints)]
+    table = build_table(cfg, {BUILTIN_DEMO: "http://127.0.0.1:1"}, time.monotonic)
+    # every endpoint it serves is priced, by the bundled catalog (the default config writes no prices)
+    assert served and all(e.price.input > 0 for m in served for e in table.models[m].endpoints)
 
 
 def test_every_preset_is_well_formed():

@@ -1,0 +1,190 @@
+"""The one small interface every store implements, and the records it holds.
+
+Money is USD as float everywhere (a cent's millionth is 1e-8; doubles carry ~16 significant digits, so sums of
+millions of records stay exact far below that). Times are Unix seconds (float) unless a name says otherwise.
+
+Credits are *leased*: a node takes a chunk of a key's remaining credit (and of its organisation's balance) in
+one atomic store operation, serves requests from the chunk in memory, and settles later: what it spent moves
+into the key's usage, the rest goes back. So no request awaits the store unless its node's chunk ran dry, and
+no two nodes can spend the same credit.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal, Protocol
+
+import msgspec
+
+Reset = Literal["daily", "weekly", "monthly"]
+
+
+class StoreError(Exception):
+    """The store could not be reached or refused the operation (callers degrade; see accounting/limits.py)."""
+
+
+class OrgRecord(msgspec.Struct, kw_only=True):
+    id: str  # e.g. "org_default"; what keys point to
+    name: str
+    balance: float | None = None  # USD credits still available (leases already taken out); None: unlimited
+    spent: float = 0.0  # USD settled as spent, all time
+    created_at: float = 0.0
+
+
+class KeyRecord(msgspec.Struct, kw_only=True):
+    id: str  # public id ("key_…"), safe to show and log; the secret itself is never stored
+    digest: str  # hex SHA-256 of the secret
+    label: str = ""
+    org: str = "org_default"
+    disabled: bool = False
+    expires_at: float | None = None
+    allowed_models: list[str] | None = None  # None: every model
+    limit: float | None = None  # USD this key may spend per period (or ever, without `limit_reset`); None: no cap
+    limit_reset: Reset | None = None
+    rpm: int | None = None  # requests per minute; None: unlimited
+    tpm: int | None = None  # tokens (prompt + completion) per minute; None: unlimited
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
+class KeyUsage(msgspec.Struct, kw_only=True):
+    """A key's spend in its current limit period (all time without a reset)."""
+
+    usage: float = 0.0  # settled spend this period
+    outstanding: float = 0.0  # leased to nodes, not yet settled
+    period: str = ""  # period_of(reset, now) when last touched
+
+
+class AttemptRecord(msgspec.Struct, kw_only=True):
+    provider: str
+    endpoint: str  # "provider/upstream-model"
+    outcome: str  # "ok", "hedge_lost", "cancelled", "timeout", "connect", "status", "protocol", …
+    status: int = 0  # upstream HTTP status, 0 if none arrived
+    started: float = 0.0  # seconds after the request arrived
+    duration: float = 0.0
+    prompt_tokens: int = 0  # what this attempt reported, if anything
+    completion_tokens: int = 0
+    cost: float = 0.0
+
+
+class GenerationRecord(msgspec.Struct, kw_only=True):
+    """One client request, as the ledger keeps it (DESIGN.md: generation)."""
+
+    id: str
+    key_id: str
+    org: str
+    model: str  # the public model asked for
+    provider: str = ""  # who served ("" if nobody did)
+    endpoint: str = ""
+    status: int = 0  # HTTP status the client got
+    streamed: bool = False
+    cancelled: bool = False  # the client left before the end
+    finish_reason: str | None = None
+    prompt_tokens: int = 0  # all prompt tokens, cached ones included (OpenAI's semantics)
+    completion_tokens: int = 0  # reasoning included
+    cached_tokens: int = 0  # prompt tokens read from the provider's cache
+    cache_write_tokens: int = 0  # prompt tokens written to the provider's cache
+    reasoning_tokens: int = 0
+    cost: float = 0.0  # USD at the provider's prices (what the upstream charges), every attempt included
+    fee: float = 0.0  # the gateway's fee, USD, on top of cost
+    ttft: float | None = None  # seconds to the first byte of the answer sent to the client
+    latency: float = 0.0  # seconds, request arrival to the last byte
+    created: float = 0.0
+    attempts: list[AttemptRecord] = []
+
+
+def period_of(reset: Reset | None, now: float) -> str:
+    """The name of the limit period holding `now` (UTC): a key's usage starts again when it changes."""
+    if reset is None:
+        return ""
+    t = time.gmtime(now)
+    if reset == "daily":
+        return time.strftime("%Y-%m-%d", t)
+    if reset == "weekly":
+        return time.strftime("%G-W%V", t)
+    return time.strftime("%Y-%m", t)
+
+
+class Store(Protocol):
+    """Async; implementations never block the event loop (SQLite runs in a worker thread)."""
+
+    kind: str  # "sqlite" or "redis"
+
+    async def open(self) -> None:
+        """Connect, and create or migrate the schema."""
+        ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise StoreError if the store cannot be reached."""
+        ...
+
+    # organisations
+    async def put_org(self, org: OrgRecord) -> None:
+        """Create, or replace name (balance and spent of an existing org are kept: use top_up)."""
+        ...
+
+    async def get_org(self, org_id: str) -> OrgRecord | None: ...
+
+    async def list_orgs(self) -> list[OrgRecord]: ...
+
+    async def top_up(self, org_id: str, amount: float) -> float:
+        """Add `amount` USD to the org's balance (an unlimited org becomes limited, starting at `amount`);
+        returns the new balance. StoreError if the org does not exist."""
+        ...
+
+    # keys
+    async def put_key(self, key: KeyRecord) -> None:
+        """Insert or replace by id; bumps the keys version (and tells other nodes, on Redis)."""
+        ...
+
+    async def get_key(self, key_id: str) -> KeyRecord | None: ...
+
+    async def list_keys(self, org_id: str | None = None) -> list[KeyRecord]: ...
+
+    async def delete_key(self, key_id: str) -> bool:
+        """True if it existed; bumps the keys version."""
+        ...
+
+    async def keys_version(self) -> int:
+        """A number that changes whenever any key is put or deleted (nodes poll it to reload keys)."""
+        ...
+
+    async def key_usage(self, key_id: str, reset: Reset | None, now: float) -> KeyUsage: ...
+
+    # credits
+    async def lease(
+        self, key_id: str, org_id: str, limit: float | None, reset: Reset | None, need: float, want: float, now: float
+    ) -> float:
+        """Atomically take credit for a node: min(want, org balance, limit − usage − outstanding), or 0.0 when
+        that is below `need`. Takes from the org's balance (unless unlimited) and adds to the key's
+        outstanding. `limit`/`reset` are the key's (passed in: config keys are not in the store). A new period
+        (period_of(reset, now) differs from the stored one) starts the key's usage at 0."""
+        ...
+
+    async def settle(
+        self, key_id: str, org_id: str, reset: Reset | None, returned: float, spent: float, now: float
+    ) -> None:
+        """Give back `returned` unspent credit to the org's balance and record `spent`: the key's outstanding
+        drops by returned + spent (never below 0), its usage grows by spent (in the current period), the org's
+        `spent` grows by spent. Spent credit is not added back to the balance: the lease took it out already."""
+        ...
+
+    # rate-limit windows (fixed windows; a window's counters expire on their own)
+    async def take(self, name: str, amount: int, limit: int, ttl_s: int) -> int:
+        """Atomically grant up to `amount` from counter `name` without passing `limit`; returns the grant."""
+        ...
+
+    async def add(self, name: str, amount: int, ttl_s: int) -> int:
+        """Atomically add to counter `name` (amount may be 0); returns its new total."""
+        ...
+
+    # ledger
+    async def write_generations(self, records: list[GenerationRecord]) -> None:
+        """Write a batch (idempotent by id: a retried batch does not duplicate records)."""
+        ...
+
+    async def get_generation(self, gen_id: str) -> GenerationRecord | None: ...
+
+    async def count_generations(self) -> int: ...
