@@ -212,23 +212,29 @@ class Accountant:
                 await asyncio.sleep(self.cfg.keys_sync_s)
 
     async def _settle_loop(self) -> None:
+        rounds = 0
         while True:
             await asyncio.sleep(self.cfg.flush_interval_s)
             await self.rates.sync()
             await self.credits.settle()
+            # heartbeat a few times per lease TTL; look for crashed processes' leases about twice per TTL
+            beat = max(1, int(self.cfg.lease_ttl_s / self.cfg.flush_interval_s / 4))
+            if rounds % beat == 0:
+                await self.credits.heartbeat(reap=rounds % (2 * beat) == 0)
+            rounds += 1
 
     # -- per request --
 
     def begin(self, gen_id: str, key: KeyRecord, model: str, streamed: bool, include_cost: bool) -> Generation:
-        if key.allowed_models is not None and model not in key.allowed_models:
-            raise Forbidden(f"this API key may not use model `{model}`")
         gen = Generation(gen_id, key, model, streamed, self.loop_clock())
         gen.include_cost = self.usage_cost == "always" or (self.usage_cost == "request" and include_cost)
         return gen
 
     async def admit(self, gen: Generation) -> None:
-        """Rate limits: before anything is planned or sent."""
+        """The key's model list and rate limits: before anything is planned or sent."""
         key = gen.key
+        if key.allowed_models is not None and gen.model not in key.allowed_models:
+            raise Forbidden(f"this API key may not use model `{gen.model}`")
         if (key.rpm is not None or key.tpm is not None) and self.cfg.enabled:
             gen.headers = await self.rates.admit(key)
 

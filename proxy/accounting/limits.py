@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
+import socket
 import time
 from collections.abc import Callable
 
@@ -46,12 +48,15 @@ class _Credit:
 
 
 class Credits:
-    __slots__ = ("_by_key", "cfg", "clock", "orgs", "store", "unreachable")
+    __slots__ = ("_by_key", "cfg", "clock", "node", "orgs", "reaped", "store", "unreachable")
 
     def __init__(self, store: Store, cfg: AccountingConfig, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.cfg = cfg
         self.clock = clock
+        # this process, as the store's lease records know it: its leases come back if it stops heartbeating
+        self.node = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
+        self.reaped = 0.0  # credit this process returned from crashed processes' leases
         self.orgs: dict[str, OrgRecord] = {}  # refreshed with the keys: which orgs have a balance
         self._by_key: dict[str, _Credit] = {}
         self.unreachable = 0  # lease attempts that failed on the store (a metric for #6)
@@ -88,7 +93,7 @@ class Credits:
                 want = max(need, self._chunk(key))
                 try:
                     grant = await self.store.lease(
-                        key.id, key.org, key.limit, key.limit_reset, need, want, self.clock()
+                        key.id, key.org, key.limit, key.limit_reset, need, want, self.clock(), self.node
                     )
                 except StoreError as e:
                     self.unreachable += 1
@@ -143,13 +148,25 @@ class Credits:
                 continue
             key = st.key
             try:
-                await self.store.settle(key.id, key.org, key.limit_reset, returned, spent, now)
+                await self.store.settle(key.id, key.org, key.limit_reset, returned, spent, now, self.node)
             except StoreError as e:
                 self.unreachable += 1
                 log.warning("credit store unreachable, settlement of key %s deferred: %s", key.id, e)
                 return  # try again next round; nothing was lost
             st.spent -= spent
             st.avail -= returned
+
+    async def heartbeat(self, reap: bool) -> None:
+        """Tell the store this process lives (so its leases stay its own); with `reap`, return the leases of
+        processes that stopped heartbeating (crashed: their spend since their last settlement is lost)."""
+        now = self.clock()
+        try:
+            await self.store.heartbeat(self.node, now)
+            if reap:
+                self.reaped += await self.store.reap(self.cfg.lease_ttl_s, now)
+        except StoreError as e:
+            self.unreachable += 1
+            log.warning("credit store unreachable, heartbeat skipped: %s", e)
 
 
 class _Window:

@@ -38,5 +38,7 @@ class AccountingConfig(Base):
     queue_max: Annotated[int, msgspec.Meta(ge=100)] = 100_000  # records held while the store is unreachable
     fail_closed: bool = False  # store unreachable and a key's credit unknown: 503 (True) or serve (False)
     lease_fraction: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.1  # share of the remaining credit a node leases
+    # a process silent this long (crashed) has its unspent leases returned by the others
+    lease_ttl_s: Annotated[float, msgspec.Meta(ge=5)] = 30.0
     keys_sync_s: PositiveFloat = 1.0  # how often a node looks for keys changed elsewhere (Redis also pushes)
     orgs: list[OrgConfig] = []

@@ -7,6 +7,15 @@ Credits are *leased*: a node takes a chunk of a key's remaining credit (and of i
 one atomic store operation, serves requests from the chunk in memory, and settles later: what it spent moves
 into the key's usage, the rest goes back. So no request awaits the store unless its node's chunk ran dry, and
 no two nodes can spend the same credit.
+
+Leases are held per *node* (one gateway process, named by an opaque string): the store keeps, per key and node,
+the credit leased and not yet settled, and when each node was last heard from (every lease, settle and
+heartbeat). Any node may `reap` the nodes that stopped heartbeating: their leases go back to the org's balance
+and the key's outstanding. So a crashed node's leases return after ttl; its spend since its last settlement —
+at most one flush interval — is not billed. A node must heartbeat well within the ttl: one reaped while alive
+(paused, or cut off from the store, for longer than the ttl) has lost its leases: what it settles afterwards
+returns nothing (the reap returned it already) and its spend is recorded as usage without being taken from
+the balance again.
 """
 
 from __future__ import annotations
@@ -17,6 +26,8 @@ from typing import Literal, Protocol
 import msgspec
 
 Reset = Literal["daily", "weekly", "monthly"]
+
+LEASE_EPS = 1e-12  # USD: a lease record settled down to this (float rounding) is deleted
 
 
 class StoreError(Exception):
@@ -155,20 +166,59 @@ class Store(Protocol):
 
     # credits
     async def lease(
-        self, key_id: str, org_id: str, limit: float | None, reset: Reset | None, need: float, want: float, now: float
+        self,
+        key_id: str,
+        org_id: str,
+        limit: float | None,
+        reset: Reset | None,
+        need: float,
+        want: float,
+        now: float,
+        node: str = "",
     ) -> float:
-        """Atomically take credit for a node: min(want, org balance, limit − usage − outstanding), or 0.0 when
+        """Atomically take credit for `node`: min(want, org balance, limit − usage − outstanding), or 0.0 when
         that is below `need`. Takes from the org's balance (unless unlimited) and adds to the key's
         outstanding. `limit`/`reset` are the key's (passed in: config keys are not in the store). A new period
-        (period_of(reset, now) differs from the stored one) starts the key's usage at 0."""
+        (period_of(reset, now) differs from the stored one) starts the key's usage at 0.
+
+        The grant is added to the lease record of (key_id, node), which remembers org_id (the latest one), and
+        the node's heartbeat becomes `now` (granted or not). Node "" (callers that predate nodes) keeps no
+        record and no heartbeat: its leases are never reaped."""
         ...
 
     async def settle(
-        self, key_id: str, org_id: str, reset: Reset | None, returned: float, spent: float, now: float
+        self,
+        key_id: str,
+        org_id: str,
+        reset: Reset | None,
+        returned: float,
+        spent: float,
+        now: float,
+        node: str = "",
     ) -> None:
         """Give back `returned` unspent credit to the org's balance and record `spent`: the key's outstanding
         drops by returned + spent (never below 0), its usage grows by spent (in the current period), the org's
-        `spent` grows by spent. Spent credit is not added back to the balance: the lease took it out already."""
+        `spent` grows by spent. Spent credit is not added back to the balance: the lease took it out already.
+
+        The lease record of (key_id, node) drops by returned + spent, never below 0, and is deleted at 0 (or
+        within float rounding of it: LEASE_EPS); the node's heartbeat becomes `now`. Node "": no record. A node
+        with no record for the key (reaped) returns nothing and its outstanding is left alone: `spent` only
+        grows the key's usage and the org's spent."""
+        ...
+
+    async def heartbeat(self, node: str, now: float) -> None:
+        """Record that `node` lives: its heartbeat becomes `now` (lease and settle do this too). Node "": no-op."""
+        ...
+
+    async def reap(self, ttl_s: float, now: float) -> float:
+        """Return the leases of every node whose heartbeat is older than now − ttl_s (a crashed node's): each of
+        its lease records goes back, the org's balance += amount (unless the org is unlimited or not in the
+        store) and the key's outstanding −= amount (never below 0); then the node's records and heartbeat are
+        deleted. Returns the total of the records reaped (0.0 if none). The spend a dead node had not settled
+        is not billed, and its credit returns.
+
+        Atomic per node: reapers racing (on any number of nodes) return each lease once; a node that heartbeats
+        again before its reap is not reaped. Leases of node "" are never reaped."""
         ...
 
     # rate-limit windows (fixed windows; a window's counters expire on their own)

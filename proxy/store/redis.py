@@ -2,7 +2,9 @@
 
 Layout (every name starts with `prefix`): `org:<id>`, `key:<id>` and `usage:<key id>` hashes; `orgs` and
 `keyids` sets, and `orgkeys:<org>` per organisation; `keys_version` (INCR); `rate:<name>` counters;
-`gen:<id>` msgspec-JSON strings (30-day TTL) indexed by `created` in the sorted set `gens`. Key changes are
+`lease:<node>` hashes (key id → "<amount> <org id>", the node's unsettled leases) and the sorted set `nodes`
+(node → last heartbeat); `gen:<id>` msgspec-JSON strings (30-day TTL) indexed by `created` in the sorted set
+`gens`. Key changes are
 published on channel `keys` so nodes reload at once. Floats are written with full precision: `repr` in Python,
 `%.17g` in Lua (whose numbers are doubles too).
 """
@@ -21,7 +23,16 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from proxy.store.base import GenerationRecord, KeyRecord, KeyUsage, OrgRecord, Reset, StoreError, period_of
+from proxy.store.base import (
+    LEASE_EPS,
+    GenerationRecord,
+    KeyRecord,
+    KeyUsage,
+    OrgRecord,
+    Reset,
+    StoreError,
+    period_of,
+)
 
 GEN_TTL_S = 30 * 86400
 _IDLE_S = 30.0  # a silent subscription pings the server this often to find out it is still there
@@ -78,9 +89,11 @@ redis.call('PUBLISH', ARGV[3], ARGV[1])
 return 1
 """
 
-# KEYS: usage hash, org hash. ARGV: limit ("" = none), period, need, want. Returns the grant as a string
-# (Redis would truncate a Lua number to an integer). A missing org, or one without a balance, is unlimited.
+# KEYS: usage hash, org hash, the node's lease hash, nodes. ARGV: limit ("" = none), period, need, want, node
+# ("" = keep no record), now, key id, org id. Returns the grant as a string (Redis would truncate a Lua number to
+# an integer). A missing org, or one without a balance, is unlimited.
 _LEASE = """
+if ARGV[5] ~= '' then redis.call('ZADD', KEYS[4], ARGV[6], ARGV[5]) end
 local u = redis.call('HMGET', KEYS[1], 'usage', 'outstanding', 'period')
 local usage, out = tonumber(u[1]) or 0, tonumber(u[2]) or 0
 if u[3] ~= ARGV[2] then usage = 0 end
@@ -95,16 +108,39 @@ if grant < tonumber(ARGV[3]) or grant <= 0 then return '0' end
 redis.call('HSET', KEYS[1], 'usage', string.format('%.17g', usage),
   'outstanding', string.format('%.17g', out + grant), 'period', ARGV[2])
 if bal then redis.call('HSET', KEYS[2], 'balance', string.format('%.17g', bal - grant)) end
+if ARGV[5] ~= '' then
+  local rec = redis.call('HGET', KEYS[3], ARGV[7])
+  local held = rec and tonumber(string.match(rec, '^(%S+)')) or 0
+  redis.call('HSET', KEYS[3], ARGV[7], string.format('%.17g', held + grant) .. ' ' .. ARGV[8])
+end
 return string.format('%.17g', grant)
 """
 
-# KEYS: usage hash, org hash. ARGV: period, returned, spent.
+# KEYS: usage hash, org hash, the node's lease hash, nodes. ARGV: period, returned, spent, node ("" = no
+# record), now, key id, LEASE_EPS.
 _SETTLE = """
+local ret, spent = tonumber(ARGV[2]), tonumber(ARGV[3])
+local dropped = ret + spent
+if ARGV[4] ~= '' then
+  redis.call('ZADD', KEYS[4], ARGV[5], ARGV[4])
+  local rec = redis.call('HGET', KEYS[3], ARGV[6])
+  if rec then
+    local held, org = string.match(rec, '^(%S+) (.*)$')
+    local left = tonumber(held) - ret - spent
+    if left > tonumber(ARGV[7]) then
+      redis.call('HSET', KEYS[3], ARGV[6], string.format('%.17g', left) .. ' ' .. org)
+    else
+      redis.call('HDEL', KEYS[3], ARGV[6])
+    end
+  else
+    -- reaped while this node was away: the lease went back already; nothing is ours to return
+    ret, dropped = 0, 0
+  end
+end
 local u = redis.call('HMGET', KEYS[1], 'usage', 'outstanding', 'period')
 local usage, out = tonumber(u[1]) or 0, tonumber(u[2]) or 0
 if u[3] ~= ARGV[1] then usage = 0 end
-local ret, spent = tonumber(ARGV[2]), tonumber(ARGV[3])
-out = math.max(0, out - ret - spent)
+out = math.max(0, out - dropped)
 redis.call('HSET', KEYS[1], 'usage', string.format('%.17g', usage + spent),
   'outstanding', string.format('%.17g', out), 'period', ARGV[1])
 if redis.call('EXISTS', KEYS[2]) == 1 then
@@ -114,6 +150,30 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('HSET', KEYS[2], 'spent', string.format('%.17g', s))
 end
 return 1
+"""
+
+# KEYS: nodes, the node's lease hash. ARGV: node, cutoff, prefix. Reaps the node if its heartbeat is still
+# older than the cutoff (a racing reaper already removed it; a revived node has a newer one); returns the total
+# returned, as a string. The usage and org hashes are named here: only the lease records know them.
+_REAP = """
+local beat = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]))
+if not beat or beat >= tonumber(ARGV[2]) then return '0' end
+local recs = redis.call('HGETALL', KEYS[2])
+local total = 0
+for i = 1, #recs, 2 do
+  local held, org_id = string.match(recs[i + 1], '^(%S+) (.*)$')
+  local amount = tonumber(held)
+  local org = ARGV[3] .. 'org:' .. org_id
+  local bal = tonumber(redis.call('HGET', org, 'balance'))
+  if bal then redis.call('HSET', org, 'balance', string.format('%.17g', bal + amount)) end
+  local usage = ARGV[3] .. 'usage:' .. recs[i]
+  local out = tonumber(redis.call('HGET', usage, 'outstanding'))
+  if out then redis.call('HSET', usage, 'outstanding', string.format('%.17g', math.max(0, out - amount))) end
+  total = total + amount
+end
+redis.call('DEL', KEYS[2])
+redis.call('ZREM', KEYS[1], ARGV[1])
+return string.format('%.17g', total)
 """
 
 # KEYS: counter. ARGV: amount, limit, ttl_s. EXPIRE NX: a window's first grant starts its clock.
@@ -180,6 +240,7 @@ class RedisStore:
         self._delete_key = self._r.register_script(_DELETE_KEY)
         self._lease = self._r.register_script(_LEASE)
         self._settle = self._r.register_script(_SETTLE)
+        self._reap = self._r.register_script(_REAP)
         self._take = self._r.register_script(_TAKE)
 
     @contextlib.asynccontextmanager
@@ -291,20 +352,58 @@ class RedisStore:
         )
 
     # credits
+    def _lease_keys(self, key_id: str, org_id: str, node: str) -> list[str]:
+        p = self._p
+        return [p + "usage:" + key_id, p + "org:" + org_id, p + "lease:" + node, p + "nodes"]
+
     async def lease(
-        self, key_id: str, org_id: str, limit: float | None, reset: Reset | None, need: float, want: float, now: float
+        self,
+        key_id: str,
+        org_id: str,
+        limit: float | None,
+        reset: Reset | None,
+        need: float,
+        want: float,
+        now: float,
+        node: str = "",
     ) -> float:
-        keys = [self._p + "usage:" + key_id, self._p + "org:" + org_id]
+        keys = self._lease_keys(key_id, org_id, node)
         args = ["" if limit is None else _num(limit), period_of(reset, now), _num(need), _num(want)]
+        args += [node, _num(now), key_id, org_id]
         async with self._op():
             return float(await self._lease(keys=keys, args=args))
 
     async def settle(
-        self, key_id: str, org_id: str, reset: Reset | None, returned: float, spent: float, now: float
+        self,
+        key_id: str,
+        org_id: str,
+        reset: Reset | None,
+        returned: float,
+        spent: float,
+        now: float,
+        node: str = "",
     ) -> None:
-        keys = [self._p + "usage:" + key_id, self._p + "org:" + org_id]
+        keys = self._lease_keys(key_id, org_id, node)
+        args = [period_of(reset, now), _num(returned), _num(spent), node, _num(now), key_id, _num(LEASE_EPS)]
         async with self._op():
-            await self._settle(keys=keys, args=[period_of(reset, now), _num(returned), _num(spent)])
+            await self._settle(keys=keys, args=args)
+
+    async def heartbeat(self, node: str, now: float) -> None:
+        if node:
+            async with self._op():
+                await self._r.zadd(self._p + "nodes", {node: now})
+
+    async def reap(self, ttl_s: float, now: float) -> float:
+        nodes = self._p + "nodes"
+        cutoff = now - ttl_s
+        total = 0.0
+        async with self._op():
+            dead = await self._r.zrangebyscore(nodes, "-inf", f"({cutoff!r}")
+        for node in dead:  # one script per node: each is atomic, and Redis is never blocked for long
+            keys = [nodes, self._p + "lease:" + node]
+            async with self._op():
+                total += float(await self._reap(keys=keys, args=[node, _num(cutoff), self._p]))
+        return total
 
     # rate-limit windows
     async def take(self, name: str, amount: int, limit: int, ttl_s: int) -> int:

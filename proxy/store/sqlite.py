@@ -2,9 +2,9 @@
 
 Each store owns one connection on one worker thread, so the event loop never waits on the disk; the file is in
 WAL mode, so readers in other processes never wait for a writer. An operation that reads and then writes (lease,
-settle, take, add, top_up, key writes) runs in a `BEGIN IMMEDIATE` transaction: it takes the database's write
-lock before reading, which makes it atomic across processes. A lock held by another process for longer than
-`timeout_s` fails the operation with StoreError (SQLite's busy timeout), like any other SQLite error.
+settle, heartbeat, reap, take, add, top_up, key writes) runs in a `BEGIN IMMEDIATE` transaction: it takes the
+database's write lock before reading, which makes it atomic across processes. A lock held by another process for
+longer than `timeout_s` fails the operation with StoreError (SQLite's busy timeout), like any other SQLite error.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from proxy.store.base import (
+    LEASE_EPS,
     AttemptRecord,
     GenerationRecord,
     KeyRecord,
@@ -100,6 +101,20 @@ MIGRATIONS: list[str] = [
     );
     INSERT INTO meta (name, value) VALUES ('keys_version', 0)
     """,
+    """
+    CREATE TABLE leases (
+        node TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        org TEXT NOT NULL,                  -- where a reap returns the credit
+        amount REAL NOT NULL,               -- leased by the node, not yet settled
+        PRIMARY KEY (node, key_id)
+    );
+    CREATE TABLE nodes (
+        node TEXT PRIMARY KEY,
+        heartbeat REAL NOT NULL
+    );
+    CREATE INDEX nodes_by_heartbeat ON nodes (heartbeat)
+    """,
 ]
 
 _KEY_COLS = KeyRecord.__struct_fields__
@@ -156,6 +171,26 @@ def _set_usage(conn: sqlite3.Connection, key_id: str, period: str, usage: float,
         "INSERT OR REPLACE INTO key_usage (key_id, period, usage, outstanding) VALUES (?, ?, ?, ?)",
         (key_id, period, usage, outstanding),
     )
+
+
+def _beat(conn: sqlite3.Connection, node: str, now: float) -> None:
+    if node:
+        conn.execute("INSERT OR REPLACE INTO nodes (node, heartbeat) VALUES (?, ?)", (node, now))
+
+
+def _reap_node(conn: sqlite3.Connection, node: str) -> float:
+    """Return every lease of `node` to its org and key, forget the node; the total returned."""
+    total = 0.0
+    for key_id, org_id, amount in conn.execute(
+        "SELECT key_id, org, amount FROM leases WHERE node = ?", (node,)
+    ).fetchall():
+        # NULL + x is NULL: an unlimited org stays unlimited. A missing org (or key usage) matches no row.
+        conn.execute("UPDATE orgs SET balance = balance + ? WHERE id = ?", (amount, org_id))
+        conn.execute("UPDATE key_usage SET outstanding = max(0.0, outstanding - ?) WHERE key_id = ?", (amount, key_id))
+        total += amount
+    conn.execute("DELETE FROM leases WHERE node = ?", (node,))
+    conn.execute("DELETE FROM nodes WHERE node = ?", (node,))
+    return total
 
 
 class SQLiteStore:
@@ -328,11 +363,20 @@ class SQLiteStore:
     # -- credits
 
     async def lease(
-        self, key_id: str, org_id: str, limit: float | None, reset: Reset | None, need: float, want: float, now: float
+        self,
+        key_id: str,
+        org_id: str,
+        limit: float | None,
+        reset: Reset | None,
+        need: float,
+        want: float,
+        now: float,
+        node: str = "",
     ) -> float:
         period = period_of(reset, now)
 
         def lease(conn: sqlite3.Connection) -> float:
+            _beat(conn, node, now)
             org = conn.execute("SELECT balance FROM orgs WHERE id = ?", (org_id,)).fetchone()
             balance = None if org is None else org[0]  # an org not in the store (config only) is unlimited
             usage, outstanding = _usage(conn, key_id, period)
@@ -342,28 +386,64 @@ class SQLiteStore:
             if limit is not None:
                 grant = min(grant, limit - usage - outstanding)
             if grant < need or grant <= 0.0:
-                return 0.0  # nothing written: the transaction commits no change
+                return 0.0  # nothing written but the heartbeat
             if balance is not None:
                 conn.execute("UPDATE orgs SET balance = ? WHERE id = ?", (balance - grant, org_id))
             _set_usage(conn, key_id, period, usage, outstanding + grant)
+            if node:
+                conn.execute(
+                    "INSERT INTO leases (node, key_id, org, amount) VALUES (?, ?, ?, ?) ON CONFLICT (node, key_id)"
+                    " DO UPDATE SET org = excluded.org, amount = amount + excluded.amount",
+                    (node, key_id, org_id, grant),
+                )
             return grant
 
         return await self._run(self._write, lease)
 
     async def settle(
-        self, key_id: str, org_id: str, reset: Reset | None, returned: float, spent: float, now: float
+        self,
+        key_id: str,
+        org_id: str,
+        reset: Reset | None,
+        returned: float,
+        spent: float,
+        now: float,
+        node: str = "",
     ) -> None:
         period = period_of(reset, now)
 
         def settle(conn: sqlite3.Connection) -> None:
+            back, dropped = returned, returned + spent
+            if node:
+                _beat(conn, node, now)
+                row = conn.execute("SELECT amount FROM leases WHERE node = ? AND key_id = ?", (node, key_id)).fetchone()
+                if row is None:  # reaped while this node was away: the lease went back already
+                    back = dropped = 0.0
+                else:
+                    left = row[0] - returned - spent
+                    if left > LEASE_EPS:
+                        conn.execute("UPDATE leases SET amount = ? WHERE node = ? AND key_id = ?", (left, node, key_id))
+                    else:
+                        conn.execute("DELETE FROM leases WHERE node = ? AND key_id = ?", (node, key_id))
             usage, outstanding = _usage(conn, key_id, period)
-            _set_usage(conn, key_id, period, usage + spent, max(0.0, outstanding - returned - spent))
+            _set_usage(conn, key_id, period, usage + spent, max(0.0, outstanding - dropped))
             # NULL + x is NULL: an unlimited org stays unlimited. A missing org matches no row.
-            conn.execute(
-                "UPDATE orgs SET balance = balance + ?, spent = spent + ? WHERE id = ?", (returned, spent, org_id)
-            )
+            conn.execute("UPDATE orgs SET balance = balance + ?, spent = spent + ? WHERE id = ?", (back, spent, org_id))
 
         await self._run(self._write, settle)
+
+    async def heartbeat(self, node: str, now: float) -> None:
+        if node:
+            await self._run(self._write, _beat, node, now)
+
+    async def reap(self, ttl_s: float, now: float) -> float:
+        def reap(conn: sqlite3.Connection) -> float:
+            # One transaction for every dead node: a racing reaper (in any process) waits for the write lock,
+            # then finds none of them.
+            dead = conn.execute("SELECT node FROM nodes WHERE heartbeat < ?", (now - ttl_s,)).fetchall()
+            return sum((_reap_node(conn, n) for (n,) in dead), 0.0)
+
+        return await self._run(self._write, reap)
 
     # -- rate-limit windows
 

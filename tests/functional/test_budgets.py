@@ -208,3 +208,30 @@ async def test_kill_9_loses_at_most_the_last_flush_interval(billing, tmp_path):
         assert await store.count_generations() <= len(done)
     finally:
         await store.close()
+
+
+async def test_a_crashed_nodes_lease_returns_to_the_org_after_the_lease_ttl(billing, tmp_path):
+    db = str(tmp_path / "h.db")
+    doc = tree(billing.base_url, {"path": db}, credits=10.0, **{"flush-interval-s": 600, "lease-ttl-s": 5})
+    path = tmp_path / "a.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    proc, port = await _spawn("serve", "--config", str(path))
+    try:
+        assert (await _storm([f"http://127.0.0.1:{port}"], 1))[0][0] == 200
+    finally:
+        proc.kill()  # kill -9: its lease (a tenth of the balance) is never settled by it
+        await proc.wait()
+    store = SQLiteStore(db)
+    await store.open()
+    try:
+        org = await store.get_org("acme")
+        assert org is not None and org.balance == pytest.approx(9.0)  # the dead node's lease is out
+        survivor = tree(billing.base_url, {"path": db}, credits=10.0, **{"flush-interval-s": 0.2, "lease-ttl-s": 5})
+        async with running(parse(yaml.safe_dump(survivor), "yaml", env={})):
+            async with asyncio.timeout(20):  # reaped within about one ttl of the survivor's start
+                while (org := await store.get_org("acme")) is not None and org.balance != pytest.approx(10.0):
+                    await asyncio.sleep(0.2)
+        usage = await store.key_usage("test", None, time.time())
+        assert usage.outstanding == pytest.approx(0.0, abs=1e-12)
+    finally:
+        await store.close()

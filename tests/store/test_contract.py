@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -282,6 +283,133 @@ async def test_settle_on_unlimited_org_keeps_it_unlimited(store: Store) -> None:
     assert await store.get_org("org_cfg") is None
 
 
+# ---------------------------------------------------------------- node leases and reaping
+
+TTL = 30.0
+DEAD = NOW + TTL + 1  # a reaper's clock: a node last heard from at NOW is dead by then
+
+
+async def test_reap_returns_a_dead_nodes_lease_once(store: Store) -> None:
+    await store.put_org(OrgRecord(id="org_a", name="A", balance=10.0))
+    assert await store.lease("key_1", "org_a", None, None, 1.0, 4.0, NOW, "n1") == 4.0
+    assert await balance(store, "org_a") == 6.0
+    assert await store.reap(TTL, DEAD) == 4.0
+    assert await balance(store, "org_a") == 10.0
+    assert await usage(store, "key_1") == (0.0, 0.0)
+    assert await store.reap(TTL, DEAD) == 0.0  # idempotent
+    assert await store.reap(TTL, DEAD + 1000) == 0.0
+    assert await balance(store, "org_a") == 10.0
+
+
+async def test_lease_and_settle_move_the_node_record(store: Store) -> None:
+    await store.put_org(OrgRecord(id="org_a", name="A", balance=10.0))
+    await store.lease("key_1", "org_a", None, "daily", 1.0, 4.0, NOW, "n1")
+    await store.lease("key_1", "org_a", None, "daily", 1.0, 2.0, NOW, "n1")  # record 6
+    await store.settle("key_1", "org_a", "daily", 1.0, 2.0, NOW, "n1")  # record 3
+    assert await balance(store, "org_a") == 5.0
+    assert await usage(store, "key_1", "daily") == (2.0, 3.0)
+    assert await store.reap(TTL, DEAD) == 3.0  # exactly the unspent lease
+    assert await balance(store, "org_a") == 8.0
+    assert await usage(store, "key_1", "daily") == (2.0, 0.0)  # the settled spend stays billed
+    org = await store.get_org("org_a")
+    assert org is not None and org.spent == 2.0
+
+
+async def test_a_settled_lease_leaves_nothing_to_reap(store: Store) -> None:
+    await store.put_org(OrgRecord(id="org_a", name="A", balance=10.0))
+    await store.lease("key_1", "org_a", None, None, 1.0, 4.0, NOW, "n1")
+    await store.settle("key_1", "org_a", None, 3.0, 1.0, NOW, "n1")  # all of it
+    await store.lease("key_2", "org_a", None, None, 0.5, 0.5, NOW, "n1")
+    await store.settle("key_2", "org_a", None, 1.0, 1.0, NOW, "n1")  # more than leased: the record stops at 0
+    await store.settle("key_3", "org_a", None, 0.0, 0.25, NOW, "n1")  # never leased: no record appears
+    before = await balance(store, "org_a")
+    assert await store.reap(TTL, DEAD) == 0.0
+    assert await balance(store, "org_a") == before
+    assert await usage(store, "key_1") == (1.0, 0.0)
+
+
+async def test_leases_are_per_key_and_node_and_remember_their_org(store: Store) -> None:
+    await store.put_org(OrgRecord(id="org_a", name="A", balance=10.0))
+    await store.put_org(OrgRecord(id="org_b", name="B", balance=10.0))
+    await store.lease("key_1", "org_a", None, None, 1.0, 3.0, NOW, "n1")
+    await store.lease("key_2", "org_b", None, None, 1.0, 2.0, NOW, "n1")
+    await store.lease("key_1", "org_a", None, None, 1.0, 1.0, NOW, "n2")
+    await store.heartbeat("n2", NOW + 20)
+    assert await store.reap(TTL, DEAD) == 5.0  # n1's leases; n2 lives
+    assert (await balance(store, "org_a"), await balance(store, "org_b")) == (9.0, 10.0)
+    assert await usage(store, "key_1") == (0.0, 1.0)  # n2's lease is left alone
+    assert await usage(store, "key_2") == (0.0, 0.0)
+    await store.settle("key_1", "org_a", None, 0.5, 0.5, NOW + 40, "n2")
+    assert await store.reap(TTL, NOW + 100) == 0.0  # n2 died settled
+    assert await balance(store, "org_a") == 9.5
+    assert await usage(store, "key_1") == (0.5, 0.0)
+
+
+async def test_heartbeat_lease_and_settle_keep_a_node_alive(store: Store) -> None:
+    await store.put_org(OrgRecord(id="org_a", name="A", balance=10.0))
+    await store.lease("key_1", "org_a", None, None, 1.0, 4.0, NOW, "n1")
+    assert await store.reap(TTL, NOW + TTL) == 0.0  # heard from exactly ttl ago: not older, alive
+    await store.heartbeat("n1", NOW + 25)
+    assert await store.reap(TTL, NOW + 50) == 0.0
+    await store.settle("key_1", "org_a", None, 0.0, 1.0, NOW + 50, "n1")
+    assert await store.reap(TTL, NOW + 75) == 0.0
+    assert await store.lease("key_1", "org_a", None, None, 20.0, 20.0, NOW + 75, "n1") == 0.0  # still a heartbeat
+    assert await store.reap(TTL, NOW + 100) == 0.0
+    assert await usage(store, "key_1") == (1.0, 3.0)
+    assert await store.reap(TTL, NOW + 75 + TTL + 1) == 3.0
+    assert await balance(store, "org_a") == 9.0
+    assert await usage(store, "key_1") == (1.0, 0.0)
+
+
+async def test_reap_on_an_unlimited_org(store: Store) -> None:
+    await store.put_org(OrgRecord(id="org_u", name="U"))
+    await store.lease("key_1", "org_u", 10.0, None, 1.0, 4.0, NOW, "n1")
+    await store.lease("key_2", "org_cfg", None, None, 1.0, 2.0, NOW, "n1")  # an org not in the store
+    assert await store.reap(TTL, DEAD) == 6.0
+    assert await balance(store, "org_u") is None
+    assert await store.get_org("org_cfg") is None
+    assert await usage(store, "key_1") == (0.0, 0.0)
+    assert await usage(store, "key_2") == (0.0, 0.0)
+    assert await store.lease("key_1", "org_u", 10.0, None, 1.0, 10.0, DEAD) == 10.0  # the limit's room is back
+
+
+async def test_reap_never_drops_outstanding_below_zero(store: Store) -> None:
+    await store.put_org(OrgRecord(id="org_a", name="A", balance=10.0))
+    await store.lease("key_1", "org_a", None, None, 1.0, 4.0, NOW, "n1")
+    await store.settle("key_1", "org_a", None, 0.0, 3.0, NOW)  # a caller without a node settled most of it
+    assert await usage(store, "key_1") == (3.0, 1.0)
+    assert await store.reap(TTL, DEAD) == 4.0  # the node's record still says 4
+    assert await usage(store, "key_1") == (3.0, 0.0)
+    assert await balance(store, "org_a") == 10.0
+
+
+async def test_leases_without_a_node_are_never_reaped(store: Store) -> None:
+    await store.put_org(OrgRecord(id="org_a", name="A", balance=10.0))
+    await store.lease("key_1", "org_a", None, None, 1.0, 4.0, NOW)  # an old caller
+    await store.lease("key_1", "org_a", None, None, 1.0, 1.0, NOW, "")
+    await store.heartbeat("", NOW)
+    assert await store.reap(TTL, DEAD + 10**6) == 0.0
+    assert await balance(store, "org_a") == 5.0
+    assert await usage(store, "key_1") == (0.0, 5.0)
+
+
+async def test_concurrent_reaps_return_each_lease_once(
+    store: Store, open_stores: Callable[[], Awaitable[Store]]
+) -> None:
+    other = await open_stores()  # another node's connection to the same data
+    await store.put_org(OrgRecord(id="org_a", name="A", balance=100.0))
+    for n in range(4):
+        for k in range(3):
+            assert await store.lease(f"key_{k}", "org_a", None, None, 1.0, 2.0, NOW, f"n{n}") == 2.0
+    await store.heartbeat("n3", DEAD)  # alive
+    assert await balance(store, "org_a") == 76.0
+    reaped = await asyncio.gather(*(s.reap(TTL, DEAD) for _ in range(4) for s in (store, other)))
+    assert sum(reaped) == 18.0  # n0..n2, 3 keys × 2.0 each, once
+    assert await balance(store, "org_a") == 94.0
+    assert [await usage(store, f"key_{k}") for k in range(3)] == [(0.0, 2.0)] * 3
+    assert await asyncio.gather(store.reap(TTL, DEAD), other.reap(TTL, DEAD)) == [0.0, 0.0]
+
+
 # ---------------------------------------------------------------- periods
 
 
@@ -448,3 +576,16 @@ async def test_write_generations_is_idempotent(store: Store) -> None:
     assert await store.count_generations() == 4
     for g in [*batch, gen("gen_4")]:
         assert await store.get_generation(g.id) == g
+
+
+async def test_a_reaped_node_that_comes_back_returns_nothing_twice(store):
+    await store.put_org(OrgRecord(id="o", name="o", balance=10.0))
+    assert await store.lease("k", "o", None, None, 1.0, 4.0, 100.0, "n1") == 4.0
+    assert await store.reap(30.0, 200.0) == 4.0  # n1 went silent: its lease is back
+    await store.settle("k", "o", None, 3.0, 1.0, 201.0, "n1")  # n1 was only cut off; it settles late
+    org = await store.get_org("o")
+    assert org is not None
+    assert org.balance == 10.0  # not 13: the lease came back once
+    assert org.spent == 1.0
+    usage = await store.key_usage("k", None, 201.0)
+    assert usage.usage == 1.0 and usage.outstanding == 0.0

@@ -90,12 +90,14 @@ async def test_every_name_has_the_prefix(nodes: list[RedisStore], raw: aioredis.
     s = nodes[0]
     await s.put_org(OrgRecord(id="org_a", name="A", balance=5.0))
     await s.put_key(KeyRecord(id="key_1", digest="1", org="org_a"))
-    await s.lease("key_1", "org_a", 3.0, "monthly", 1.0, 1.0, NOW)
+    await s.lease("key_1", "org_a", 3.0, "monthly", 1.0, 1.0, NOW, "node_1")
     await s.take("rpm:key_1", 1, 5, 60)
     await s.write_generations([GenerationRecord(id="gen_1", key_id="key_1", org="org_a", model="m", created=NOW)])
     names = [n async for n in raw.scan_iter(match=s._p + "*")]
-    assert len(names) == 10  # one of each below
+    assert len(names) == 12  # one of each below
     assert {n.removeprefix(s._p).partition(":")[0] for n in names} == {
+        "lease",
+        "nodes",
         "org",
         "orgs",
         "key",
@@ -116,6 +118,27 @@ async def test_the_ledger_index_forgets_what_the_ttl_expired(nodes: list[RedisSt
     assert await nodes[0].count_generations() == 1
     await nodes[1].write_generations([GenerationRecord(id="gen_new", key_id="k", org="o", model="m", created=NOW)])
     assert await nodes[0].count_generations() == 1
+
+
+async def test_a_reaper_spares_a_node_that_heartbeat_after_the_listing(
+    nodes: list[RedisStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reaper, dead, other = nodes[0], nodes[1], nodes[2]
+    await other.put_org(OrgRecord(id="org_a", name="A", balance=10.0))
+    await dead.lease("key_1", "org_a", None, None, 1.0, 4.0, NOW, "n_dead")
+    await other.lease("key_1", "org_a", None, None, 1.0, 2.0, NOW, "n_back")
+    listing = reaper._r.zrangebyscore
+
+    async def then_n_back_heartbeats(*args: object, **kwargs: object) -> list[str]:
+        dead_nodes = await listing(*args, **kwargs)  # type: ignore[arg-type]
+        await other.heartbeat("n_back", NOW + 60)  # between the listing and the reap scripts
+        return dead_nodes
+
+    monkeypatch.setattr(reaper._r, "zrangebyscore", then_n_back_heartbeats)
+    assert await reaper.reap(30.0, NOW + 31) == 4.0
+    org = await other.get_org("org_a")
+    assert org is not None and org.balance == 8.0
+    assert (await other.key_usage("key_1", None, NOW)).outstanding == 2.0
 
 
 # ---------------------------------------------------------------- unreachable

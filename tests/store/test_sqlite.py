@@ -123,6 +123,28 @@ async def test_reopening_keeps_data_and_applies_each_migration_once(
         assert conn.execute("SELECT x FROM extra").fetchall() == [(1,)]
 
 
+async def test_a_file_from_before_node_leases_migrates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = str(tmp_path / "h.db")
+    with monkeypatch.context() as m:
+        m.setattr(sqlite_mod, "MIGRATIONS", sqlite_mod.MIGRATIONS[:1])  # the release before node leases
+        store = SQLiteStore(path)
+        await store.open()
+        await store.put_org(OrgRecord(id="org_a", name="A", balance=10.0))
+        assert await store.lease("key_1", "org_a", None, None, 1.0, 3.0, NOW) == 3.0
+        await store.close()
+    assert _user_version(path) == 1
+
+    store = SQLiteStore(path)
+    await store.open()
+    assert _user_version(path) == len(sqlite_mod.MIGRATIONS) == 2
+    assert await store.lease("key_1", "org_a", None, None, 1.0, 2.0, NOW, "n1") == 2.0
+    assert await store.reap(30.0, NOW + 31) == 2.0  # the old lease had no node: it stays
+    assert (await store.key_usage("key_1", None, NOW)).outstanding == 3.0
+    org = await store.get_org("org_a")
+    assert org is not None and org.balance == 7.0
+    await store.close()
+
+
 async def test_the_file_is_in_wal_mode(sqlite_store: SQLiteStore) -> None:
     with closing(sqlite3.connect(sqlite_store.path)) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
