@@ -6,26 +6,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from health.monitor import Monitor
-from health.probes import expire_loop, probe_provider
 from proxy.accounting.accountant import Accountant
 from proxy.accounting.admin import AdminAPI
 from proxy.accounting.keys import KeyRing
 from proxy.cache import ResponseCache
-from proxy.config import BUILTIN_DEMO, Config
-from proxy.demo import start_demo
-from proxy.forward import Forwarder
+from proxy.config import Config
 from proxy.handlers import Gateway, error_middleware
 from proxy.messages import messages_handler
-from proxy.router import Router, build_table
+from proxy.reload import Runtime
 from proxy.store import open_store
 from proxy.upstream import new_client
 
@@ -72,46 +66,22 @@ def admin_api(gw: Gateway) -> AdminAPI:
 
 @contextlib.asynccontextmanager
 async def lifecycle(cfg: Config, gw: Gateway) -> AsyncIterator[None]:
-    """What runs while the gateway serves: demo upstream, upstream client, router, monitor, probes."""
-    demo_runner, builtin = None, {}
-    if any(p.base_url == BUILTIN_DEMO for p in cfg.providers):
-        demo_runner, builtin[BUILTIN_DEMO] = await start_demo()
-    clock = time.monotonic
+    """What runs while the gateway serves: accounting, the upstream client, the response cache, and the routing
+    runtime (demo upstream, router, monitor, probes), which a reload rebuilds (proxy/reload.py)."""
     client = new_client(cfg.server.upstream_client)
-    table = build_table(cfg, builtin, clock)
-    groups = {m.name: table.models[m.name].endpoints for m in cfg.models}
-    monitor = Monitor(groups, cfg.routing.ejection, clock)
-    rng = random.Random()
-    router = Router(table, monitor, rng)
     cache = ResponseCache(cfg.cache)  # memory: cheap until used; per-request opt-in needs it anyway
     acct = gw.accountant
     await acct.start()
-    gw.attach(
-        Forwarder(
-            router, monitor, client, cfg.routing, cfg.server.max_response_bytes, clock, cache, cfg.cache.enabled, acct
-        )
-    )
-    background = [asyncio.create_task(expire_loop(monitor))]
-    for p in cfg.providers:
-        eps = sorted(
-            {ep.key: ep for eps in groups.values() for ep in eps if ep.provider == p.name}.values(),
-            key=lambda e: e.key,
-        )
-        if p.probe.enabled and eps:
-            background.append(asyncio.create_task(probe_provider(p, eps, client, monitor, rng)))
+    runtime = Runtime(gw, client, cache, time.monotonic)
+    await runtime.apply(cfg)
+    gw.runtime = runtime
     try:
         yield
     finally:
-        for task in background:
-            task.cancel()
-        for task in background:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await runtime.close()
         await acct.stop()  # after the drain: the last requests' records are in the queue
         await client.close()
         await cache.close()
-        if demo_runner is not None:
-            await demo_runner.cleanup()
 
 
 def routes(gw: Gateway) -> list[Route]:

@@ -11,7 +11,7 @@ import msgspec
 
 from proxy import __version__
 from proxy.accounting.settings import AccountingConfig
-from proxy.config import ConfigError, load, with_server
+from proxy.config import Config, ConfigError, load, with_server
 from proxy.errors import GatewayError
 from proxy.store import Store, StoreError, open_store
 
@@ -26,7 +26,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"hedgerow {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    s = sub.add_parser("serve", help="run the gateway", description="Run the gateway until SIGTERM/SIGINT.")
+    s = sub.add_parser(
+        "serve",
+        help="run the gateway",
+        description="Run the gateway until SIGTERM/SIGINT (which drain in-flight requests). SIGHUP reloads the "
+        "config file live: providers, models, prices, keys and routing; a broken file changes nothing.",
+    )
     s.add_argument("--config", metavar="FILE", help="YAML or TOML config (default: the embedded demo config)")
     s.add_argument("--host", help="listen address (overrides server.host)")
     s.add_argument("--port", type=int, help="listen port (overrides server.port)")
@@ -101,15 +106,19 @@ def main(argv: list[str] | None = None) -> int:
 
         configure_logging(args.log_level)
         try:
-            cfg = with_server(
-                load(args.config), host=args.host, port=args.port, workers=args.workers, engine=args.engine
-            )
+
+            def reload() -> Config:  # SIGHUP: the same file (or the embedded default) and the same flags
+                return with_server(
+                    load(args.config), host=args.host, port=args.port, workers=args.workers, engine=args.engine
+                )
+
+            cfg = reload()
         except ConfigError as e:
             print("hedgerow: refusing to start, the config has problems:", file=sys.stderr)
             for problem in e.problems:
                 print(f"  - {problem}", file=sys.stderr)
             return 2
-        return run(cfg)
+        return run(cfg, reload)
     parser.print_help()
     return 0
 

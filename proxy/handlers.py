@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import logging
 import os
+from typing import TYPE_CHECKING
 
 import orjson
 from aiohttp import web
@@ -31,6 +32,9 @@ from proxy.forward import Forwarder
 from proxy.schema import _View, decode_view
 from proxy.store.base import KeyRecord
 
+if TYPE_CHECKING:
+    from proxy.reload import Runtime
+
 log = logging.getLogger("hedgerow")
 
 
@@ -46,6 +50,7 @@ class Gateway:
         "keys",
         "max_body_bytes",
         "models_body",
+        "runtime",
     )
 
     def __init__(self, keys: KeyRing, accountant: Accountant, max_body_bytes: int, body_timeout_s: float) -> None:
@@ -58,6 +63,7 @@ class Gateway:
         self._ids = map(f"gen-{os.urandom(6).hex()}-{{:x}}".format, itertools.count(1))
         self.forwarder: Forwarder
         self.models_body = b""
+        self.runtime: Runtime | None = None  # proxy/reload.py: set by the lifecycle, rebuilt on SIGHUP
 
     def attach(self, forwarder: Forwarder) -> None:
         """Set at startup, once the upstream client and the route table exist. The model list is OpenAI's
@@ -139,6 +145,9 @@ class Gateway:
     async def readyz(self, request: web.Request) -> web.Response:
         if self.draining:
             raise Unavailable("draining: this node is shutting down")
+        acct = self.accountant
+        if acct.cfg.fail_closed and not acct.store_ok:  # it would refuse metered keys: send traffic elsewhere
+            raise Unavailable("the accounting store is unreachable and `fail-closed` is set")
         return web.Response(body=b'{"status":"ready"}', content_type="application/json")
 
 

@@ -29,6 +29,7 @@ from proxy.config import Config
 from proxy.errors import GatewayError, RequestTimeout
 from proxy.handlers import Gateway
 from proxy.lean_server.server import LeanServer
+from proxy.reload import reload_from
 
 log = logging.getLogger("hedgerow")
 
@@ -131,21 +132,35 @@ async def serve(
     reuse_port: bool = False,
     on_ready: Callable[[int], None] | None = None,
     stop: asyncio.Event | None = None,
+    reload: Callable[[], Config] | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or `stop` is set), then drain: stop accepting, let in-flight requests
-    end within the grace period, return."""
+    end within the grace period, return. With `reload` (the config file, loaded again), SIGHUP applies it
+    live (proxy/reload.py); a config that does not load is logged and changes nothing."""
     start = _start_lean if cfg.server.engine == "lean" else _start_aiohttp
     gw, port, finish = await start(cfg, reuse_port)
     s = cfg.server
+    loop = asyncio.get_running_loop()
     if stop is None:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[bool]] = set()
+    if reload is not None and gw.runtime is not None:
+        runtime = gw.runtime
+
+        def on_hup() -> None:
+            task = loop.create_task(reload_from(runtime, reload))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
     log.info("hedgerow listening on http://%s:%d (pid %d, %s engine)", s.host, port, os.getpid(), s.engine)
     if on_ready is not None:
         on_ready(port)
     await stop.wait()
+    if reload is not None:
+        loop.remove_signal_handler(signal.SIGHUP)
     gw.draining = True
     log.info("draining (up to %gs for in-flight requests)", s.drain_grace_s)
     await finish()
@@ -201,24 +216,27 @@ async def _start_lean(cfg: Config, reuse_port: bool) -> _Started:
     return gw, port, finish
 
 
-def _worker(cfg: Config, reuse_port: bool) -> None:
+def _worker(cfg: Config, reuse_port: bool, reload: Callable[[], Config] | None) -> None:
     # Until serve() installs the loop's handlers there is nothing to drain: a SIGTERM that early (a fast
-    # restart) is a clean exit, not a death by signal.
+    # restart) is a clean exit, not a death by signal. A SIGHUP that early is ignored (there is nothing to
+    # reload yet), not a death either.
     signal.signal(signal.SIGTERM, _exit_now)
     signal.signal(signal.SIGINT, _exit_now)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     install_uvloop()
-    asyncio.run(serve(cfg, reuse_port=reuse_port))
+    asyncio.run(serve(cfg, reuse_port=reuse_port, reload=reload))
 
 
 def _exit_now(_signum: int, _frame: Any) -> None:
     sys.exit(0)
 
 
-def run(cfg: Config) -> int:
-    """Run in this process (one worker) or supervise N forked workers sharing the port."""
+def run(cfg: Config, reload: Callable[[], Config] | None = None) -> int:
+    """Run in this process (one worker) or supervise N forked workers sharing the port. `reload`: how to load
+    the config again on SIGHUP (each worker reloads by itself; the supervisor passes the signal on)."""
     workers = cfg.server.workers
     if workers == 1:
-        _worker(cfg, reuse_port=False)
+        _worker(cfg, False, reload)
         return 0
     if not hasattr(socket, "SO_REUSEPORT"):
         log.error("--workers > 1 needs SO_REUSEPORT, which this platform lacks")
@@ -231,7 +249,7 @@ def run(cfg: Config) -> int:
     holder.bind((cfg.server.host, cfg.server.port))
     cfg = msgspec.structs.replace(cfg, server=msgspec.structs.replace(cfg.server, port=holder.getsockname()[1]))
     ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_worker, args=(cfg, True), name=f"hedgerow-worker-{i}") for i in range(workers)]
+    procs = [ctx.Process(target=_worker, args=(cfg, True, reload), name=f"hedgerow-worker-{i}") for i in range(workers)]
     for p in procs:
         p.start()
     holder.close()
@@ -243,6 +261,7 @@ def run(cfg: Config) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, forward)
     codes = []
     for p in procs:
         p.join()

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from proxy.accounting.admin import ensure_orgs
 from proxy.accounting.keys import KeyRing
@@ -29,6 +29,8 @@ log = logging.getLogger("hedgerow")
 
 _FALLBACK_OUTPUT_CAP = 4096  # a reservation's completion tokens when neither the request nor the catalog says
 _STOP_FLUSH_TRIES = 5  # a graceful stop retries the last ledger flush this many times (once a second)
+_OBSERVE_S = 0.5  # finished generations reach the observers this often: metrics lag a scrape by at most this
+_OBSERVE_SLICE = 64  # generations per observer call; the loop runs between slices, so a big batch stalls nothing
 
 
 class Generation:
@@ -39,6 +41,7 @@ class Generation:
         "cancelled",
         "cost",
         "created",
+        "ended",
         "endpoint",
         "finish_reason",
         "headers",
@@ -63,6 +66,7 @@ class Generation:
         self.streamed = streamed
         self.started = started  # loop clock
         self.created = time.time()
+        self.ended = started  # loop clock, set by `finish`
         self.attempts: list[AttemptRecord] = []
         self.headers: dict[str, str] | None = None  # X-RateLimit-* for the response
         self.reserved: float | None = None  # None: no reservation to commit
@@ -123,7 +127,21 @@ def worst_case(body_len: int, output_cap: int | None, prices: Iterable[Price]) -
 
 
 class Accountant:
-    __slots__ = ("_tasks", "cfg", "credits", "keys", "ledger", "loop_clock", "rates", "store", "usage_cost")
+    __slots__ = (
+        "_finished",
+        "_tasks",
+        "cfg",
+        "credits",
+        "in_flight",
+        "keys",
+        "ledger",
+        "loop_clock",
+        "observers",
+        "rates",
+        "store",
+        "store_ok",
+        "usage_cost",
+    )
 
     def __init__(
         self,
@@ -140,7 +158,22 @@ class Accountant:
         self.rates = RateLimits(store, cfg)
         self.ledger = Ledger(store, cfg.flush_interval_s, cfg.queue_max)
         self.usage_cost = cfg.usage_cost
+        self.store_ok = True  # the last look at the store (every keys-sync-s) found it answering
         self._tasks: list[asyncio.Task[None]] = []
+        self.in_flight = 0  # requests between `begin` and `finish`
+        # Called with each batch of finished generations, off the request path (proxy/insights: metrics, the
+        # access log): `finish` only appends to `_finished`; `_observe_loop` hands the list over.
+        self.observers: list[Callable[[Sequence[Generation]], None]] = []
+        self._finished: list[Generation] = []
+
+    def configure(self, cfg: AccountingConfig) -> None:
+        """A reloaded config's fee, limits behaviour and intervals (the store stays: see proxy/reload.py)."""
+        self.cfg = cfg
+        self.usage_cost = cfg.usage_cost
+        self.credits.cfg = cfg
+        self.rates.cfg = cfg
+        self.ledger.flush_interval_s = cfg.flush_interval_s
+        self.ledger.queue_max = cfg.queue_max
 
     # -- lifecycle --
 
@@ -154,6 +187,7 @@ class Accountant:
             await ensure_orgs(self.store, self.cfg.orgs, time.time())
             await self.reload_keys()
         except StoreError as e:
+            self.store_ok = False
             log.error("accounting store unreachable at startup (records will queue): %s", e)
         loops = [self.ledger.run, self._settle_loop, self._keys_loop, *extra_tasks]
         self._tasks = [asyncio.create_task(f()) for f in loops]
@@ -196,8 +230,9 @@ class Accountant:
                         seen = version
                     else:
                         self.credits.orgs = {o.id: o for o in await self.store.list_orgs()}
+                    self.store_ok = True
                 except StoreError:
-                    pass  # keep serving with the keys we have
+                    self.store_ok = False  # keep serving with the keys we have (see /readyz)
                 await asyncio.sleep(self.cfg.keys_sync_s)
         finally:
             if pusher is not None:

@@ -27,17 +27,23 @@ def config_key(k: KeyConfig) -> KeyRecord:
 
 
 class KeyRing:
-    __slots__ = ("_admin", "_by_digest", "_config", "clock")
+    __slots__ = ("_admin", "_by_digest", "_config", "_stored", "clock")
 
     def __init__(self, keys: list[KeyConfig], clock: Callable[[], float] = time.time) -> None:
         self.clock = clock  # wall clock: expiry times are Unix seconds
+        self._stored: list[KeyRecord] = []
+        self.configure(keys)
+
+    def configure(self, keys: list[KeyConfig]) -> None:
+        """The config's keys (at start, and again on a reload)."""
         self._config = {bytes.fromhex(r.digest): r for r in map(config_key, keys)}
         self._admin = frozenset(k.name for k in keys if k.admin)
-        self._by_digest = dict(self._config)
+        self.load(self._stored)
 
     def load(self, records: list[KeyRecord]) -> None:
         """Replace the store's keys (one dict swap: a request sees the old set or the new, never half).
         A config key wins over a store key with the same digest."""
+        self._stored = records
         by_digest = {bytes.fromhex(r.digest): r for r in records}
         by_digest.update(self._config)
         self._by_digest = by_digest
