@@ -55,14 +55,18 @@ def _wait_ready(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 10.
 
 
 @contextlib.contextmanager
-def redis_server(port: int | None = None) -> Iterator[RedisServer]:
-    """Start redis-server (no persistence) on 127.0.0.1; stopped on exit. `port`: restart on the same port."""
+def redis_server(port: int | None = None, workdir: str | None = None) -> Iterator[RedisServer]:
+    """Start redis-server on 127.0.0.1; stopped on exit. `port`: restart on the same port. `workdir`: keep
+    the data there (append-only file, fsync always), so a restart on the same one finds it again; without it,
+    no persistence."""
     exe = shutil.which("redis-server")
     if exe is None:
         raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server; .ci/run does)")
     port = port or free_port()
-    workdir = tempfile.mkdtemp(prefix="hedgerow-redis-")
-    args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir]
+    keep = workdir is not None
+    workdir = workdir or tempfile.mkdtemp(prefix="hedgerow-redis-")
+    persistence = ["--appendonly", "yes", "--appendfsync", "always"] if keep else ["--appendonly", "no"]
+    args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", *persistence, "--dir", workdir]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     server = RedisServer(port, proc, workdir)
     try:
@@ -70,4 +74,5 @@ def redis_server(port: int | None = None) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
