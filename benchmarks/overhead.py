@@ -105,7 +105,7 @@ def run(opts: Options) -> int:
         with tempfile.TemporaryDirectory(prefix="hedgerow-bench-") as tmp:
             try:
                 targets, gateway_error = _start(Path(tmp), plan, services)
-                runs = _rounds(targets, plan, rounds, opts.rate, duration, warmup)
+                runs = run_rounds(targets, plan, rounds, opts.rate, duration, warmup)
             finally:
                 for service in reversed(services):
                     service.stop()
@@ -115,7 +115,7 @@ def run(opts: Options) -> int:
     finally:
         os.sched_setaffinity(0, own_cpus)
 
-    summary = _summarize(runs)
+    summary = summarize(runs)
     checks = _checks(summary)
     print(_table(summary, [t.name for t in targets]))
     print(_verdicts(checks, opts.quick))
@@ -211,11 +211,23 @@ def _measure(
     return result
 
 
-def _rounds(targets: list[Target], plan: CpuPlan, rounds: int, rate: float, duration: float, warmup: float) -> Runs:
+def run_rounds(
+    targets: list[Target],
+    plan: CpuPlan,
+    rounds: int,
+    rate: float,
+    duration: float,
+    warmup: float,
+    warmups: dict[str, list[dict[str, Any]]] | None = None,
+) -> Runs:
+    """Every test against every target, `rounds` times, the order rotating; targets[0] is the upstream
+    (`direct`). The warm-up runs are not in the result; pass `warmups` to get them (target → results)."""
     upstream = targets[0].service
     for target in targets:  # warm connection pools and first-call paths; not recorded
         for test in ("closed", "stream"):
-            run_load(_load_args(test, target, rate, warmup), plan.load, timeout_s=warmup + 60)
+            result = run_load(_load_args(test, target, rate, warmup), plan.load, timeout_s=warmup + 60)
+            if warmups is not None:
+                warmups.setdefault(target.name, []).append(result)
     runs: Runs = {t.name: {test: [] for test in TESTS} for t in targets}
     for r in range(rounds):
         order = targets[r % len(targets) :] + targets[: r % len(targets)]
@@ -246,7 +258,7 @@ def _diffs(runs: list[dict[str, Any]], base: list[dict[str, Any]], field: str) -
     return [r[field] - b[field] for r, b in zip(runs, base, strict=True) if None not in (r[field], b[field])]
 
 
-def _summarize(runs: Runs) -> dict[str, dict[str, Any]]:
+def summarize(runs: Runs) -> dict[str, dict[str, Any]]:
     direct = runs["direct"]
     summary: dict[str, dict[str, Any]] = {}
     for name, tests in runs.items():

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks import failover, hedging, overhead, routing, transcoding
+from benchmarks import accounting, failover, hedging, overhead, routing, transcoding
 
 
 @dataclass(frozen=True)
@@ -65,5 +65,14 @@ SCENARIOS: dict[str, Scenario] = {
             "(passthrough) gateway (default: 200 req/s, 5 rounds × 2 s; ~3 min)"
         ),
         run=transcoding.run,
+    ),
+    "accounting": Scenario(
+        summary=(
+            "what keys, credits, rate limits and the ledger cost a request: overhead's tests against\n"
+            "the gateway with accounting off, on SQLite and on Redis (a redis-server of its own;\n"
+            "skipped if missing); added p50 vs accounting off, one ledger record per request\n"
+            "(default: 200 req/s, 7 rounds × 2 s; ~3.5 min)"
+        ),
+        run=accounting.run,
     ),
 }

@@ -28,6 +28,7 @@ from proxy.store.base import AttemptRecord, GenerationRecord, KeyRecord, Store, 
 log = logging.getLogger("hedgerow")
 
 _FALLBACK_OUTPUT_CAP = 4096  # a reservation's completion tokens when neither the request nor the catalog says
+_STOP_CANCEL_WAIT_S = 5.0  # how long stop() waits for its cancelled background tasks
 _STOP_FLUSH_TRIES = 5  # a graceful stop retries the last ledger flush this many times (once a second)
 _OBSERVE_S = 0.5  # finished generations reach the observers this often: metrics lag a scrape by at most this
 _OBSERVE_SLICE = 64  # generations per observer call; the loop runs between slices, so a big batch stalls nothing
@@ -180,6 +181,8 @@ class Accountant:
     async def start(self, extra_tasks: Iterable[Callable[[], Awaitable[None]]] = ()) -> None:
         """Open the store, create the configured orgs, load keys, start the background tasks. An unreachable
         store does not stop the gateway: config keys work, records queue, and the sync loops keep trying."""
+        if self.observers:  # metrics and the access log work with accounting off too
+            self._tasks.append(asyncio.create_task(self._observe_loop()))
         if not self.cfg.enabled:
             return
         try:
@@ -190,17 +193,20 @@ class Accountant:
             self.store_ok = False
             log.error("accounting store unreachable at startup (records will queue): %s", e)
         loops = [self.ledger.run, self._settle_loop, self._keys_loop, *extra_tasks]
-        self._tasks = [asyncio.create_task(f()) for f in loops]
+        self._tasks += [asyncio.create_task(f()) for f in loops]
 
     async def stop(self) -> None:
         """Settle and write everything (a graceful stop loses no record), then close the store."""
-        if not self.cfg.enabled:
-            return
         for t in self._tasks:
             t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        if self._tasks:  # bounded: a store client that swallows a cancellation must not hang the stop
+            _, stuck = await asyncio.wait(self._tasks, timeout=_STOP_CANCEL_WAIT_S)
+            for t in stuck:
+                log.error("accounting task %s did not stop when cancelled; stopping without it", t.get_name())
+        self._tasks = []
+        await self.notify_observers()  # the last requests' generations
+        if not self.cfg.enabled:
+            return
         await self.rates.sync()
         await self.credits.settle(final=True)
         for _ in range(_STOP_FLUSH_TRIES):
@@ -246,6 +252,32 @@ class Accountant:
             except StoreError:
                 await asyncio.sleep(self.cfg.keys_sync_s)
 
+    async def _observe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(_OBSERVE_S)
+            await self.notify_observers()
+
+    async def notify_observers(self) -> None:
+        """Hand the generations finished since the last call to every observer, a slice at a time (each observer
+        is called at least once, with an empty slice if need be: metrics sample their gauges then)."""
+        gens, self._finished = self._finished, []
+        done = 0
+        try:
+            while True:
+                part = gens[done : done + _OBSERVE_SLICE]
+                done += len(part)
+                for observe in self.observers:
+                    try:
+                        observe(part)
+                    except Exception:
+                        log.exception("an observer of finished generations failed")
+                if done >= len(gens):
+                    return
+                await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            self._finished[:0] = gens[done:]  # the rest goes to the next call (the one in `stop`, at the latest)
+            raise
+
     async def _settle_loop(self) -> None:
         rounds = 0
         while True:
@@ -262,6 +294,7 @@ class Accountant:
 
     def begin(self, gen_id: str, key: KeyRecord, model: str, streamed: bool, include_cost: bool) -> Generation:
         gen = Generation(gen_id, key, model, streamed, self.loop_clock())
+        self.in_flight += 1
         gen.include_cost = self.usage_cost == "always" or (self.usage_cost == "request" and include_cost)
         return gen
 
@@ -286,6 +319,14 @@ class Accountant:
 
     def finish(self, gen: Generation) -> None:
         """Synchronous on purpose: runs in the request's `finally`, cancelled or not."""
+        gen.ended = self.loop_clock()
+        self.in_flight -= 1
+        if gen.hedge and not gen.cancelled:
+            for a in gen.attempts:
+                if a.outcome == "cancelled":
+                    a.outcome = "hedge_lost"
+        if self.observers:
+            self._finished.append(gen)  # the observers' batch: the only cost of metrics and the access log here
         if not self.cfg.enabled:
             return
         cost = gen.cost
@@ -296,10 +337,6 @@ class Accountant:
         u = gen.usage
         if u is not None:
             self.rates.add_tokens(key, u.prompt_tokens + u.completion_tokens)
-        if gen.hedge and not gen.cancelled:
-            for a in gen.attempts:
-                if a.outcome == "cancelled":
-                    a.outcome = "hedge_lost"
         self.ledger.append(
             GenerationRecord(
                 id=gen.id,
@@ -320,7 +357,7 @@ class Accountant:
                 cost=cost.upstream if cost else 0.0,
                 fee=cost.fee if cost else 0.0,
                 ttft=gen.ttft,
-                latency=self.loop_clock() - gen.started,
+                latency=gen.ended - gen.started,
                 created=gen.created,
                 attempts=gen.attempts,
             )

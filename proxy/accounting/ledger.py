@@ -17,7 +17,7 @@ from proxy.store.base import GenerationRecord, Store, StoreError
 
 log = logging.getLogger("hedgerow")
 
-_BATCH = 1000  # records per store write
+_BATCH = 250  # records per store write: a Redis write encodes on the event loop, so keep each one short
 
 
 class Ledger:
