@@ -18,6 +18,10 @@ from proxy.accounting.keys import KeyRing
 from proxy.cache import ResponseCache
 from proxy.config import Config
 from proxy.handlers import Gateway, error_middleware
+from proxy.insights.access import AccessLog
+from proxy.insights.dashboard import dashboard
+from proxy.insights.metrics import Metrics
+from proxy.insights.stats import StatsAPI
 from proxy.messages import messages_handler
 from proxy.reload import Runtime
 from proxy.store import open_store
@@ -54,7 +58,16 @@ def new_gateway(cfg: Config) -> Gateway:
     """Built before the loop runs (the store is opened by `lifecycle`, in each worker after the fork)."""
     keys = KeyRing(cfg.keys)
     accountant = Accountant(cfg.accounting, open_store(cfg.accounting.store), keys)
-    return Gateway(keys, accountant, cfg.server.max_body_bytes, cfg.server.body_timeout_s)
+    gw = Gateway(keys, accountant, cfg.server.max_body_bytes, cfg.server.body_timeout_s)
+    if cfg.server.metrics:
+        accountant.observers.append(Metrics(accountant, gw))
+    if cfg.server.access_log:
+        accountant.observers.append(AccessLog())
+    if cfg.server.tracing.enabled:  # imported only then: no opentelemetry import with tracing off
+        from proxy.insights.tracing import Tracing
+
+        accountant.observers.append(Tracing(cfg.server.tracing))
+    return gw
 
 
 def admin_api(gw: Gateway) -> AdminAPI:
@@ -92,10 +105,12 @@ def routes(gw: Gateway) -> list[Route]:
         ("POST", "/v1/embeddings", gw.embeddings),
         ("POST", "/v1/messages", messages_handler(gw)),  # Anthropic's Messages API
         ("GET", "/v1/models", gw.models),
-        ("GET", "/api/v1/models", gw.models),
+        *StatsAPI.for_gateway(gw).routes(),  # /api/v1/models (live endpoint stats), rankings, activity
         *(admin_api(gw).routes() if gw.accountant.cfg.enabled else ()),
         ("GET", "/api/v1/providers", gw.providers),
         ("GET", "/api/v1/endpoints", gw.providers),
         ("GET", "/livez", gw.livez),
         ("GET", "/readyz", gw.readyz),
+        ("GET", "/dashboard", dashboard),  # the page holds no data and needs no key; it calls the APIs with one
+        *(("GET", "/metrics", m.serve) for m in gw.accountant.observers if isinstance(m, Metrics)),  # no key
     ]

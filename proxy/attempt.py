@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import ClassVar, Protocol
 
@@ -275,8 +276,10 @@ async def run_attempt(
     adapter = ep.adapter
     target = adapter.target(kind, ep.model, stream)
     assert target is not None
-    loop = asyncio.get_running_loop()
-    started = loop.time()
+    # Timings by time.monotonic, not loop.time(): uvloop's loop clock counts whole milliseconds. (Deadlines
+    # are on the loop's clock, which reads the same monotonic clock, so they compare with these.)
+    clock = time.monotonic
+    started = clock()
     ep.health.start()
     resp: UpstreamResponse | None = None
     translate = not adapter.passthrough  # the adapter's own translation, provider format ⇄ OpenAI
@@ -311,7 +314,7 @@ async def run_attempt(
                     data = reshape.error_body(resp.status, data)
                     committed.ctype = "application/json"
                 committed.body = data
-                committed.ttfb = loop.time() - started
+                committed.ttfb = clock() - started
                 raise Relay(committed)
             if stream and _is_stream(committed.ctype):
                 first_token = min(deadline, started + target.timeouts.first_token_s)
@@ -331,7 +334,7 @@ async def run_attempt(
                         else:  # judged on what the client will get, native or reshaped
                             await _first_content(chunks, committed, front.classify)
                 except TimeoutError:
-                    if loop.time() >= deadline:
+                    if clock() >= deadline:
                         raise
                     raise UpstreamTimeout(
                         f"upstream {ep.provider} sent no first token within {target.timeouts.first_token_s:g}s",
@@ -344,12 +347,12 @@ async def run_attempt(
                     committed.body = _parse(reshape.response, committed.body, ep)
                 if translate or reshape is not None:
                     committed.ctype = "application/json"
-            committed.ttfb = loop.time() - started
+            committed.ttfb = clock() - started
             return committed
     except Relay as r:
-        monitor.record(ep, Outcome.CLIENT_ERROR, r.committed.ttfb, loop.time() - started)
+        monitor.record(ep, Outcome.CLIENT_ERROR, r.committed.ttfb, clock() - started)
         if gen is not None:
-            gen.attempt(ep.provider, ep.key, "client_error", r.committed.status, started, loop.time())
+            gen.attempt(ep.provider, ep.key, "client_error", r.committed.status, started, clock())
         raise
     except (UpstreamError, TimeoutError) as e:
         if resp is not None:
@@ -365,15 +368,15 @@ async def run_attempt(
             err.upstream = ep.provider
         retry_after = err.upstream_headers.get("Retry-After") if isinstance(err, UpstreamStatus) else None
         outcome = outcome_of(err)
-        monitor.record(ep, outcome, None, loop.time() - started, retry_after=retry_after)
+        monitor.record(ep, outcome, None, clock() - started, retry_after=retry_after)
         if gen is not None:
             status = err.upstream_status if isinstance(err, UpstreamStatus) else 0
-            gen.attempt(ep.provider, ep.key, outcome.name.lower(), status, started, loop.time())
+            gen.attempt(ep.provider, ep.key, outcome.name.lower(), status, started, clock())
         raise err from None
     except BaseException:  # cancelled: a hedge lost, or the client left
         if resp is not None:
             resp.release()
-        monitor.record(ep, Outcome.CANCELLED, None, loop.time() - started)
+        monitor.record(ep, Outcome.CANCELLED, None, clock() - started)
         if gen is not None:
-            gen.attempt(ep.provider, ep.key, "cancelled", 0, started, loop.time())
+            gen.attempt(ep.provider, ep.key, "cancelled", 0, started, clock())
         raise

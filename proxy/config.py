@@ -23,6 +23,7 @@ from health.state import EjectionConfig
 from proxy.accounting.settings import AccountingConfig
 from proxy.affinity import AffinityConfig
 from proxy.cache import CacheConfig
+from proxy.insights.tracing import TracingConfig
 from proxy.structs import Base, PositiveFloat
 
 DEMO_KEY = "sk-hedgerow-demo"  # documented; accepted only on a loopback listener
@@ -119,6 +120,34 @@ class KeyConfig(Base):
     tpm: Annotated[int, msgspec.Meta(ge=1)] | None = None  # tokens per minute; None: unlimited
 
 
+# What OpenAI and Anthropic SDKs and the gateway's own per-request options send from a page, by default.
+CORS_HEADERS = (
+    "Authorization",
+    "Content-Type",
+    "X-Request-Id",
+    "X-Api-Key",
+    "Anthropic-Version",
+    "Anthropic-Beta",
+    "X-Hedgerow-Hedge",
+    "X-Hedgerow-Cache",
+)
+
+
+class CorsConfig(Base):
+    """Cross-origin requests from browsers: off (no CORS header at all) until `allow-origins` lists an origin."""
+
+    allow_origins: list[str] = []  # exact origins ("https://app.example.com"), or "*" for any
+    allow_headers: list[str] = msgspec.field(default_factory=lambda: list(CORS_HEADERS))  # "*": what a page asks
+    max_age_s: Annotated[int, msgspec.Meta(ge=0, le=86400)] = 600  # how long a browser may cache a preflight
+
+
+class TlsConfig(Base):
+    """TLS termination on the listener (PEM files; TLS 1.2 or newer)."""
+
+    cert_file: str  # the certificate chain, leaf first
+    key_file: str  # its private key (unencrypted)
+
+
 class ServerConfig(Base):
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
@@ -131,6 +160,11 @@ class ServerConfig(Base):
     max_response_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024 * 1024  # non-streamed upstream body
     upstream_client: Literal["lean", "aiohttp"] = "lean"  # lean: httptools pool for http:// (https → aiohttp)
     engine: Literal["aiohttp", "lean"] = "aiohttp"  # HTTP server: aiohttp's, or proxy/lean_server (llhttp)
+    metrics: bool = True  # GET /metrics (Prometheus, every worker; no key: keep it off the public network)
+    access_log: bool = False  # one JSON line per request on stdout (logger `hedgerow.access`), written off the hot path
+    tracing: TracingConfig = TracingConfig()  # OpenTelemetry spans per request and attempt (the `otel` extra)
+    cors: CorsConfig = CorsConfig()  # browser cross-origin access; off unless `allow-origins` is set
+    tls: TlsConfig | None = None  # serve HTTPS on the listener; None: plain HTTP
 
 
 class Config(Base):
@@ -323,6 +357,7 @@ def validate(cfg: Config) -> list[str]:
             )
     if not cfg.keys:
         problems.append("no gateway keys configured - at `$.keys`")
+    problems.extend(_server_problems(cfg.server))
     if cfg.accounting.catalog is not None:
         from proxy.accounting.catalog import load_catalog  # late: the catalog module imports this one
 
@@ -330,6 +365,32 @@ def validate(cfg: Config) -> list[str]:
             load_catalog(cfg.accounting.catalog)
         except ConfigError as e:
             problems.extend(f"{p} (the catalog named at `$.accounting.catalog`)" for p in e.problems)
+    return problems
+
+
+_ORIGIN = re.compile(r"https?://[^/\s?#]+")  # scheme://host[:port], no path: what browsers send as `Origin`
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name
+
+
+def _server_problems(s: ServerConfig) -> list[str]:
+    """CORS entries a browser could ever match, and TLS files that load (proxy/edge.py builds the context)."""
+    problems = []
+    for i, origin in enumerate(s.cors.allow_origins):
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
+            problems.append(
+                f"an origin is `*` or scheme://host[:port] without a path, not {origin!r}"
+                f" - at `$.server.cors.allow-origins[{i}]`"
+            )
+    for i, name in enumerate(s.cors.allow_headers):
+        if not _TOKEN.fullmatch(name):
+            problems.append(f"not a header name: {name!r} - at `$.server.cors.allow-headers[{i}]`")
+    if s.tls is not None:
+        from proxy.edge import tls_context  # late: proxy.edge imports this module
+
+        try:
+            tls_context(s.tls)
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+            problems.append(f"cannot load the TLS certificate and key: {e} - at `$.server.tls`")
     return problems
 
 

@@ -60,6 +60,7 @@ ATTEMPTS_HEADER = "X-Hedgerow-Attempts"
 HEDGED_HEADER = "X-Hedgerow-Hedged"  # "won": a hedge attempt served; "lost": the first attempt won a race
 HEDGE_REQUEST_HEADER = "X-Hedgerow-Hedge"  # per request: "off", or a fixed delay in seconds
 CACHE_REQUEST_HEADER = "X-Hedgerow-Cache"  # per request: "on" or "off", over the model's `cache` setting
+UPSTREAM_TTFB_HEADER = "X-Hedgerow-Upstream-TTFB-Ms"  # the serving attempt: sent to committed (streams: first token)
 
 
 class Attempts:
@@ -177,6 +178,7 @@ class Forwarder:
             c = r.committed
             headers[PROVIDER_HEADER] = c.ep.provider
             gen.provider, gen.endpoint, gen.status = c.ep.provider, c.ep.key, c.status
+            _timing(headers, c.ttfb, c.started + c.ttfb - gen.started)
             return _relay(c, headers)
         except GatewayError as e:
             if run.down is not None:  # keep-alives already opened the stream: end it with the error
@@ -197,6 +199,7 @@ class Forwarder:
             headers[HEDGED_HEADER] = run.hedge
         gen.status = c.status
         gen.ttft = c.started + c.ttfb - gen.started
+        _timing(headers, c.ttfb, gen.ttft)
         if c.body is not None:
             body_out = c.body
             usage = usage_from_body(body_out) if front is None else usage_from_messages_body(body_out)
@@ -429,6 +432,15 @@ class Forwarder:
         target = ep.adapter.target(kind, ep.model, False)
         assert target is not None
         return self.clock() + target.timeouts.total_s
+
+
+def _timing(headers: dict[str, str], upstream: float, total: float) -> None:
+    """W3C Server-Timing, in ms, at the commit (a stream's head goes out then): `upstream` is the serving attempt
+    from its send to its commit, `gateway` the rest of the time until then (parsing, routing, failed attempts)."""
+    up = f"{upstream * 1000.0:.2f}"
+    headers[UPSTREAM_TTFB_HEADER] = up
+    # max: under uvloop the attempt's clock (loop.time()) counts whole milliseconds, the request's does not
+    headers["Server-Timing"] = f"gateway;dur={max(total - upstream, 0.0) * 1000.0:.2f}, upstream;dur={up}"
 
 
 def _stick(plan: list[Endpoint], key: str | None) -> None:

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from proxy.reload import Runtime
 
 log = logging.getLogger("hedgerow")
+TRACING = False  # set by proxy/insights/tracing.py: requests keep the client's `traceparent` for their span
 
 
 class Gateway:
@@ -107,6 +108,8 @@ class Gateway:
         acct = self.accountant
         usage = view.usage
         gen = acct.begin(next(self._ids), key, view.model, view.stream, usage is not None and usage.include)
+        if TRACING:
+            gen.traceparent, gen.operation = request.headers.get("traceparent"), kind
         try:
             await acct.admit(gen)
             return await self.forwarder.forward(request, kind, view, body, gen, front)

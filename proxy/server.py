@@ -28,6 +28,8 @@ from proxy.app import GATEWAY, build_app, lifecycle, new_gateway, routes
 from proxy.config import Config
 from proxy.errors import GatewayError, RequestTimeout
 from proxy.handlers import Gateway
+from proxy.insights import access
+from proxy.insights.metrics import multiprocess_dir, worker_exited
 from proxy.lean_server.server import LeanServer
 from proxy.reload import reload_from
 
@@ -248,6 +250,8 @@ def run(cfg: Config, reload: Callable[[], Config] | None = None) -> int:
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     holder.bind((cfg.server.host, cfg.server.port))
     cfg = msgspec.structs.replace(cfg, server=msgspec.structs.replace(cfg.server, port=holder.getsockname()[1]))
+    if cfg.server.metrics:
+        multiprocess_dir()  # before the fork: where every worker writes its metrics, so one scrape sees all
     ctx = multiprocessing.get_context("fork")
     procs = [ctx.Process(target=_worker, args=(cfg, True, reload), name=f"hedgerow-worker-{i}") for i in range(workers)]
     for p in procs:
@@ -265,6 +269,7 @@ def run(cfg: Config, reload: Callable[[], Config] | None = None) -> int:
     codes = []
     for p in procs:
         p.join()
+        worker_exited(p.pid)
         codes.append(p.exitcode or 0)
         if p.exitcode:
             log.error("%s (pid %s) exited with %s", p.name, p.pid, p.exitcode)
@@ -275,3 +280,4 @@ def configure_logging(level: str = "INFO") -> None:
     logging.basicConfig(
         level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s"
     )
+    access.configure()  # the access log (when `server.access-log` is on): bare JSON lines on stdout

@@ -25,7 +25,7 @@ Downstream = web.StreamResponse | LeanStream
 # Proxies in front of us (nginx) must not buffer a stream, and clients must not cache it.
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: clients ignore it, idle timers along the way reset
-_TAIL = 4096  # the usage chunk is the last event but [DONE]; a few KiB always hold it
+_TAIL = 4096  # the finish-reason and usage events are the last but [DONE]; a few KiB always hold them
 
 
 async def prepare(request: web.Request | LeanRequest, status: int, headers: dict[str, str]) -> Downstream:
@@ -52,7 +52,9 @@ async def pipe(
     cancellation). With `collect`, every relayed chunk is also appended to it (for the response cache; off
     otherwise). Another client API's stream (proxy/messages.py) brings its own `error_event`.
     """
-    prev, last = b"", prefix  # the last two chunks hold the usage event; no copy per chunk
+    # The last few KiB relayed, however the upstream cut its writes (one byte each, at worst): the usage and
+    # finish-reason events are there. Appending a chunk is a small copy; the window is trimmed at twice its size.
+    tail = bytearray(prefix[-_TAIL:])
     outcome = Outcome.OK
     try:
         async with asyncio.timeout_at(deadline):
@@ -62,7 +64,12 @@ async def pipe(
                     collect.append(prefix)
             async for data in chunks:
                 await down.write(data)
-                prev, last = last, data
+                if len(data) >= _TAIL:
+                    tail = bytearray(data[-_TAIL:])
+                else:
+                    tail += data
+                    if len(tail) > 2 * _TAIL:
+                        del tail[:-_TAIL]
                 if collect is not None:
                     collect.append(data)
     except TimeoutError as e:
@@ -72,7 +79,7 @@ async def pipe(
     except GatewayError as e:
         outcome = Outcome.PROTOCOL
         await down.write(e.sse_event() if error_event is None else error_event(e))
-    return outcome, prev[-_TAIL:] + last[-_TAIL:]
+    return outcome, bytes(tail)
 
 
 async def whole_events(

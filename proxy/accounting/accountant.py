@@ -51,11 +51,13 @@ class Generation:
         "include_cost",
         "key",
         "model",
+        "operation",
         "provider",
         "reserved",
         "started",
         "status",
         "streamed",
+        "traceparent",
         "ttft",
         "usage",
     )
@@ -81,6 +83,8 @@ class Generation:
         self.ttft: float | None = None
         self.finish_reason: str | None = None
         self.hedge = ""
+        self.traceparent: str | None = None  # server.tracing only: the client's W3C trace context header
+        self.operation = ""  # server.tracing only: "chat", "completions", "embeddings" (the client's route)
 
     def attempt(self, provider: str, endpoint: str, outcome: str, status: int, started: float, ended: float) -> None:
         self.attempts.append(

@@ -104,6 +104,43 @@ class GenerationRecord(msgspec.Struct, kw_only=True):
     attempts: list[AttemptRecord] = []
 
 
+class DayUsage(msgspec.Struct, kw_only=True):
+    """The generation records of one UTC day and one model, added up (Store.usage_by_day)."""
+
+    day: str  # "YYYY-MM-DD", UTC
+    model: str  # the public model asked for, as the records hold it
+    requests: int = 0  # every record, whatever its status
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost: float = 0.0  # USD at the providers' prices
+    fee: float = 0.0  # the gateway's fee, USD
+
+
+DAY_S = 86400
+
+
+def day_of(t: float) -> str:
+    """The UTC day holding `t`, as "YYYY-MM-DD"."""
+    return time.strftime("%Y-%m-%d", time.gmtime(t))
+
+
+def day_bounds(start: float, end: float) -> tuple[float, float]:
+    """The whole UTC days usage_by_day(start, end) covers, as [first midnight, last midnight + 1 day): the days
+    whose midnight falls in [start, end). Bounds on midnights select exactly [start, end); [now − N days, now)
+    selects the N days ending with today."""
+    lo = -(-start // DAY_S) * DAY_S  # the first midnight at or after start
+    hi = -(-end // DAY_S) * DAY_S  # the first midnight at or after end: the days before it have theirs < end
+    return lo, max(lo, hi)
+
+
+def days_between(start: float, end: float) -> list[str]:
+    """The names of the days usage_by_day(start, end) covers, oldest first."""
+    lo, hi = day_bounds(start, end)
+    return [day_of(lo + i * DAY_S) for i in range(int((hi - lo) // DAY_S))]
+
+
 def period_of(reset: Reset | None, now: float) -> str:
     """The name of the limit period holding `now` (UTC): a key's usage starts again when it changes."""
     if reset is None:
@@ -238,3 +275,16 @@ class Store(Protocol):
     async def get_generation(self, gen_id: str) -> GenerationRecord | None: ...
 
     async def count_generations(self) -> int: ...
+
+    async def usage_by_day(
+        self, start: float, end: float, key_id: str | None = None, org: str | None = None
+    ) -> list[DayUsage]:
+        """The generation records added up per UTC day (of `created`) and model, sorted by (day, model); only
+        one key's (`key_id`) or one organisation's (`org`) when given — at most one of the two (ValueError).
+
+        Whole days only (Redis keeps day counters): a day counts when its midnight (00:00 UTC) falls in
+        [start, end) (`day_bounds`), so day-aligned bounds select exactly the records created in [start, end),
+        and [now − N days, now) the N days ending with today. Days without records are left out. Records are
+        counted once each however often their batch was written. Redis keeps the day counters ~400 days
+        (AGG_TTL_S), SQLite as long as the records."""
+        ...

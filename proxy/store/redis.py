@@ -4,7 +4,9 @@ Layout (every name starts with `prefix`): `org:<id>`, `key:<id>` and `usage:<key
 `keyids` sets, and `orgkeys:<org>` per organisation; `keys_version` (INCR); `rate:<name>` counters;
 `lease:<node>` hashes (key id → "<amount> <org id>", the node's unsettled leases) and the sorted set `nodes`
 (node → last heartbeat); `gen:<id>` msgspec-JSON strings (30-day TTL) indexed by `created` in the sorted set
-`gens`. Key changes are
+`gens`; usage counters per UTC day (~400-day TTL): `daily:<YYYY-MM-DD>` for everything, `daily:<day>:key:<id>`
+and `daily:<day>:org:<id>` per key and organisation, each a hash of `<model>|<metric>` (a DayUsage field) →
+total, added to by the same script that writes a record, and only when it is new. Key changes are
 published on channel `keys` so nodes reload at once. Floats are written with full precision: `repr` in Python,
 `%.17g` in Lua (whose numbers are doubles too).
 """
@@ -21,20 +23,24 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from proxy.store.base import (
     LEASE_EPS,
+    DayUsage,
     GenerationRecord,
     KeyRecord,
     KeyUsage,
     OrgRecord,
     Reset,
     StoreError,
+    day_of,
+    days_between,
     period_of,
 )
 
 GEN_TTL_S = 30 * 86400
+AGG_TTL_S = 400 * 86400  # the day counters behind usage_by_day: kept this long after their last write
 _IDLE_S = 30.0  # a silent subscription pings the server this often to find out it is still there
 
 _encode_gen = msgspec.json.Encoder().encode
@@ -187,6 +193,28 @@ return grant
 """
 
 
+# KEYS: gen string, gens index, then the day's hashes: everything, the key's, the org's. ARGV: record JSON,
+# GEN_TTL_S, created, id, model, prompt, completion, cached, reasoning tokens, cost, fee. The counters move only
+# when the record is new (SET NX): a retried batch counts each record once. Returns 1 if it was new.
+_WRITE_GEN = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[2], 'NX', ARGV[3], ARGV[4])
+local m = ARGV[5] .. '|'
+for i = 3, 5 do
+  local h = KEYS[i]
+  redis.call('HINCRBY', h, m .. 'requests', 1)
+  redis.call('HINCRBY', h, m .. 'prompt_tokens', ARGV[6])
+  redis.call('HINCRBY', h, m .. 'completion_tokens', ARGV[7])
+  redis.call('HINCRBY', h, m .. 'cached_tokens', ARGV[8])
+  redis.call('HINCRBY', h, m .. 'reasoning_tokens', ARGV[9])
+  redis.call('HINCRBYFLOAT', h, m .. 'cost', ARGV[10])
+  redis.call('HINCRBYFLOAT', h, m .. 'fee', ARGV[11])
+end
+return 1
+"""
+_INT_METRICS = frozenset(("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens"))
+
+
 def _num(x: float) -> str:
     return repr(float(x))  # shortest string that reads back as the same double
 
@@ -242,6 +270,7 @@ class RedisStore:
         self._settle = self._r.register_script(_SETTLE)
         self._reap = self._r.register_script(_REAP)
         self._take = self._r.register_script(_TAKE)
+        self._write_gen = self._r.register_script(_WRITE_GEN)
 
     @contextlib.asynccontextmanager
     async def _op(self, timeout_s: float | None = None) -> AsyncIterator[None]:
@@ -420,14 +449,34 @@ class RedisStore:
     async def write_generations(self, records: list[GenerationRecord]) -> None:
         if not records:
             return
-        index = self._p + "gens"
+        async with self._op():
+            try:
+                await self._write_batch(records)
+            except NoScriptError:  # a new or restarted Redis: load the script, then write again (idempotent)
+                await self._r.script_load(_WRITE_GEN)
+                await self._write_batch(records)
+
+    async def _write_batch(self, records: list[GenerationRecord]) -> None:
+        """One pipeline: a script per record (atomic, short: Redis is never blocked for a whole batch), then a
+        TTL on every day hash the batch touched (EXPIRE on a hash no record created does nothing)."""
+        p = self._p
+        index = p + "gens"
         # The index forgets ids older than the TTL, counted back from the newest record (bounded by now, so
         # one node's skewed clock cannot empty it), roughly as their strings expire.
         cutoff = min(max(r.created for r in records), time.time()) - GEN_TTL_S
-        async with self._op(), self._r.pipeline(transaction=False) as pipe:
+        sha = self._write_gen.sha  # EVALSHA straight into the pipeline: no SCRIPT EXISTS round trip per batch
+        counters: set[str] = set()
+        async with self._r.pipeline(transaction=False) as pipe:
             for r in records:
-                pipe.set(self._p + "gen:" + r.id, _encode_gen(r), nx=True, ex=GEN_TTL_S)
-                pipe.zadd(index, {r.id: r.created}, nx=True)
+                daily = p + "daily:" + day_of(r.created)
+                keys = (p + "gen:" + r.id, index, daily, daily + ":key:" + r.key_id, daily + ":org:" + r.org)
+                counters.update(keys[2:])
+                pipe.evalsha(
+                    sha, 5, *keys, _encode_gen(r), GEN_TTL_S, _num(r.created), r.id, r.model, r.prompt_tokens,
+                    r.completion_tokens, r.cached_tokens, r.reasoning_tokens, _num(r.cost), _num(r.fee),
+                )  # fmt: skip
+            for name in counters:
+                pipe.expire(name, AGG_TTL_S)
             pipe.zremrangebyscore(index, "-inf", f"({cutoff!r}")
             await pipe.execute()
 
@@ -439,6 +488,30 @@ class RedisStore:
     async def count_generations(self) -> int:
         async with self._op():
             return int(await self._r.zcard(self._p + "gens"))
+
+    async def usage_by_day(
+        self, start: float, end: float, key_id: str | None = None, org: str | None = None
+    ) -> list[DayUsage]:
+        if key_id is not None and org is not None:
+            raise ValueError("usage_by_day filters by a key or by an organisation, not both")
+        suffix = ""
+        if key_id is not None:
+            suffix = ":key:" + key_id
+        elif org is not None:
+            suffix = ":org:" + org
+        days = days_between(start, end)
+        async with self._op(), self._r.pipeline(transaction=False) as pipe:
+            for day in days:
+                pipe.hgetall(self._p + "daily:" + day + suffix)
+            hashes: list[dict[str, str]] = await pipe.execute()
+        out: list[DayUsage] = []
+        for day, h in zip(days, hashes, strict=True):
+            rows: dict[str, dict[str, Any]] = {}
+            for field, value in h.items():
+                model, _, metric = field.rpartition("|")
+                rows.setdefault(model, {})[metric] = int(value) if metric in _INT_METRICS else float(value)
+            out.extend(DayUsage(day=day, model=m, **rows[m]) for m in sorted(rows))
+        return out
 
     async def _hgetall_many(self, kind: str, ids: list[str]) -> list[dict[str, str]]:
         async with self._r.pipeline(transaction=False) as pipe:

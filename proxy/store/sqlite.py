@@ -21,12 +21,14 @@ import msgspec
 from proxy.store.base import (
     LEASE_EPS,
     AttemptRecord,
+    DayUsage,
     GenerationRecord,
     KeyRecord,
     KeyUsage,
     OrgRecord,
     Reset,
     StoreError,
+    day_bounds,
     period_of,
 )
 
@@ -115,6 +117,11 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX nodes_by_heartbeat ON nodes (heartbeat)
     """,
+    # usage_by_day filtered by key or organisation (the unfiltered one reads generations_by_created)
+    """
+    CREATE INDEX generations_by_key ON generations (key_id, created);
+    CREATE INDEX generations_by_org ON generations (org, created)
+    """,
 ]
 
 _KEY_COLS = KeyRecord.__struct_fields__
@@ -126,6 +133,13 @@ _PUT_GEN = "INSERT OR IGNORE INTO generations ({}) VALUES ({})".format(
     ", ".join(_GEN_COLS), ", ".join(f":{c}" for c in _GEN_COLS)
 )
 _BUMP_KEYS = "UPDATE meta SET value = value + 1 WHERE name = 'keys_version'"
+_DAY_FIELDS = DayUsage.__struct_fields__  # the columns of _USAGE_BY_DAY, in order
+_USAGE_BY_DAY = (
+    # The day in whole seconds, as gmtime() takes it (strftime on the REAL would round to the millisecond).
+    "SELECT strftime('%Y-%m-%d', CAST(created AS INTEGER) / 86400 * 86400, 'unixepoch') AS day, model, count(*),"
+    " sum(prompt_tokens), sum(completion_tokens), sum(cached_tokens), sum(reasoning_tokens), sum(cost), sum(fee)"
+    " FROM generations WHERE {}created >= ? AND created < ? GROUP BY day, model ORDER BY day, model"
+)
 
 _json = msgspec.json.Encoder()
 _decode_models = msgspec.json.Decoder(list[str]).decode
@@ -500,3 +514,18 @@ class SQLiteStore:
     async def count_generations(self) -> int:
         row = await self._run(lambda: self._db().execute("SELECT count(*) FROM generations").fetchone())
         return int(row[0])
+
+    async def usage_by_day(
+        self, start: float, end: float, key_id: str | None = None, org: str | None = None
+    ) -> list[DayUsage]:
+        if key_id is not None and org is not None:
+            raise ValueError("usage_by_day filters by a key or by an organisation, not both")
+        lo, hi = day_bounds(start, end)
+        if key_id is not None:
+            sql, args = _USAGE_BY_DAY.format("key_id = ? AND "), (key_id, lo, hi)
+        elif org is not None:
+            sql, args = _USAGE_BY_DAY.format("org = ? AND "), (org, lo, hi)
+        else:
+            sql, args = _USAGE_BY_DAY.format(""), (lo, hi)
+        rows = await self._run(lambda: self._db().execute(sql, args).fetchall())
+        return [DayUsage(**dict(zip(_DAY_FIELDS, r, strict=True))) for r in rows]

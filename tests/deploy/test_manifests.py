@@ -311,9 +311,9 @@ def test_image_build_context_builds_the_wheel(tmp_path: Path) -> None:
         wanted = any(fnmatch.fnmatch(pkg_dir.name, pat) for pat in setuptools["packages"]["find"]["include"])
         if wanted and (pkg_dir / "__init__.py").exists():
             assert f"{pkg_dir.name}/__init__.py" in names, f"package {pkg_dir.name} is missing from the image"
-    for pkg, files in setuptools["package-data"].items():
-        for f in files:
-            assert f"{pkg}/{f}" in names, f"package data {pkg}/{f} is missing from the image"
+    for pkg, patterns in setuptools["package-data"].items():
+        for pattern in patterns:  # a pattern (`insights/dashboard/*`) must match at least one file in the wheel
+            assert fnmatch.filter(names, f"{pkg}/{pattern}"), f"package data {pkg}/{pattern} is missing from the image"
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "hedgerow = proxy.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import time
 from collections.abc import Awaitable, Callable
 
 import pytest
 
 from proxy.store.base import (
     AttemptRecord,
+    DayUsage,
     GenerationRecord,
     KeyRecord,
     KeyUsage,
@@ -589,3 +591,133 @@ async def test_a_reaped_node_that_comes_back_returns_nothing_twice(store):
     assert org.spent == 1.0
     usage = await store.key_usage("k", None, 201.0)
     assert usage.usage == 1.0 and usage.outstanding == 0.0
+
+
+# ---------------------------------------------------------------- usage by day
+
+DAY14 = utc(2025, 3, 14, 0)  # midnight UTC
+DAY15 = DAY14 + 86400
+DAY16 = DAY15 + 86400
+
+
+def _usage_gen(gen_id: str, created: float, model: str = "test/a", key: str = "key_1", org: str = "org_a", n: int = 1):
+    return GenerationRecord(
+        id=gen_id,
+        key_id=key,
+        org=org,
+        model=model,
+        created=created,
+        prompt_tokens=100 * n,
+        completion_tokens=10 * n,
+        cached_tokens=4 * n,
+        reasoning_tokens=2 * n,
+        cost=0.001 * n + 1e-9,
+        fee=0.0001 * n,
+    )
+
+
+def _expected(records: list[GenerationRecord]) -> list[DayUsage]:
+    """Added up by hand: per (UTC day, model)."""
+    rows: dict[tuple[str, str], DayUsage] = {}
+    for r in records:
+        day = time.strftime("%Y-%m-%d", time.gmtime(r.created))
+        u = rows.setdefault((day, r.model), DayUsage(day=day, model=r.model))
+        u.requests += 1
+        u.prompt_tokens += r.prompt_tokens
+        u.completion_tokens += r.completion_tokens
+        u.cached_tokens += r.cached_tokens
+        u.reasoning_tokens += r.reasoning_tokens
+        u.cost += r.cost
+        u.fee += r.fee
+    return [rows[k] for k in sorted(rows)]
+
+
+def _same(got: list[DayUsage], want: list[DayUsage]) -> None:
+    assert [(u.day, u.model, u.requests) for u in got] == [(u.day, u.model, u.requests) for u in want]
+    for g, w in zip(got, want, strict=True):
+        assert (g.prompt_tokens, g.completion_tokens, g.cached_tokens, g.reasoning_tokens) == (
+            w.prompt_tokens,
+            w.completion_tokens,
+            w.cached_tokens,
+            w.reasoning_tokens,
+        )
+        assert g.cost == pytest.approx(w.cost, rel=1e-12) and g.fee == pytest.approx(w.fee, rel=1e-12)
+
+
+USAGE_RECORDS = [
+    _usage_gen("g_before", DAY14 - 0.001),  # the 13th: before the range
+    _usage_gen("g_first", DAY14),  # the first instant of the 14th
+    _usage_gen("g_14a", DAY14 + 3600, n=2),
+    _usage_gen("g_14b", DAY14 + 7200, model="test/b", key="key_2", n=3),
+    _usage_gen("g_14c", DAY15 - 0.001, model="test/b", key="key_3", org="org_b", n=5),  # the 14th's last moment
+    _usage_gen("g_15a", DAY15, n=7),  # midnight belongs to the 15th
+    _usage_gen("g_15b", DAY15 + 43200, model="test/b", key="key_3", org="org_b", n=11),
+    _usage_gen("g_after", DAY16),  # the 16th: after the range
+]
+
+
+async def test_usage_by_day_adds_up_per_utc_day_and_model(store: Store) -> None:
+    assert await store.usage_by_day(DAY14, DAY16) == []
+    await store.write_generations(USAGE_RECORDS[:3])
+    await store.write_generations(USAGE_RECORDS[3:])
+    got = await store.usage_by_day(DAY14, DAY16)
+    _same(got, _expected(USAGE_RECORDS[1:-1]))
+    assert [(u.day, u.model, u.requests) for u in got] == [
+        ("2025-03-14", "test/a", 2),
+        ("2025-03-14", "test/b", 2),
+        ("2025-03-15", "test/a", 1),
+        ("2025-03-15", "test/b", 1),
+    ]
+    assert got[0].prompt_tokens == 300 and got[1].completion_tokens == 80
+    # one day at a time; the day before and after hold exactly their own record
+    _same(await store.usage_by_day(DAY15, DAY16), _expected(USAGE_RECORDS[5:7]))
+    _same(await store.usage_by_day(DAY14 - 86400, DAY14), _expected(USAGE_RECORDS[:1]))
+    _same(await store.usage_by_day(DAY16, DAY16 + 86400), _expected(USAGE_RECORDS[-1:]))
+    _same(await store.usage_by_day(DAY14 - 86400, DAY16 + 86400), _expected(USAGE_RECORDS))
+    assert await store.usage_by_day(DAY16, DAY16) == []
+
+
+async def test_usage_by_day_counts_whole_days_whose_midnight_is_in_range(store: Store) -> None:
+    await store.write_generations(USAGE_RECORDS)
+    now = DAY15 + 3600  # 01:00 on the 15th
+    # [now - 1 day, now): the 15th, today, whole; [now - 2 days, now - 1 day): the 14th, whole
+    _same(await store.usage_by_day(now - 86400, now), _expected(USAGE_RECORDS[5:7]))
+    _same(await store.usage_by_day(now - 2 * 86400, now - 86400), _expected(USAGE_RECORDS[1:5]))
+    _same(await store.usage_by_day(now - 2 * 86400, now), _expected(USAGE_RECORDS[1:7]))
+    assert await store.usage_by_day(DAY15 + 1, DAY15 + 3600) == []  # no midnight inside
+
+
+async def test_usage_by_day_filters_by_key_or_org(store: Store) -> None:
+    await store.write_generations(USAGE_RECORDS)
+    for key in ("key_1", "key_2", "key_3", "key_none"):
+        want = _expected([r for r in USAGE_RECORDS[1:-1] if r.key_id == key])
+        _same(await store.usage_by_day(DAY14, DAY16, key_id=key), want)
+    for org in ("org_a", "org_b", "org_none"):
+        want = _expected([r for r in USAGE_RECORDS[1:-1] if r.org == org])
+        _same(await store.usage_by_day(DAY14, DAY16, org=org), want)
+    assert [u.requests for u in await store.usage_by_day(DAY14, DAY16, key_id="key_3")] == [1, 1]
+    with pytest.raises(ValueError):
+        await store.usage_by_day(DAY14, DAY16, key_id="key_1", org="org_a")
+
+
+async def test_usage_by_day_counts_a_rewritten_batch_once(store: Store) -> None:
+    batch = USAGE_RECORDS[1:4]
+    await store.write_generations(batch)
+    await store.write_generations(batch)  # a retried batch
+    await store.write_generations([*USAGE_RECORDS[2:6]])  # overlapping: two new records
+    # a record written again with other numbers (a bug elsewhere) keeps its first copy, in the totals too
+    await store.write_generations([_usage_gen("g_14a", DAY14 + 3600, n=1000)])
+    want = _expected(USAGE_RECORDS[1:6])
+    _same(await store.usage_by_day(DAY14, DAY16), want)
+    _same(await store.usage_by_day(DAY14, DAY16, key_id="key_1"), _expected([USAGE_RECORDS[i] for i in (1, 2, 5)]))
+    _same(await store.usage_by_day(DAY14, DAY16, org="org_b"), _expected([USAGE_RECORDS[4]]))
+    assert await store.count_generations() == 5
+
+
+async def test_usage_by_day_sees_every_nodes_writes(open_stores: Callable[[], Awaitable[Store]]) -> None:
+    a, b = await open_stores(), await open_stores()
+    await asyncio.gather(a.write_generations(USAGE_RECORDS[:4]), b.write_generations(USAGE_RECORDS[2:]))
+    _same(await b.usage_by_day(DAY14, DAY16), _expected(USAGE_RECORDS[1:-1]))
+    _same(
+        await a.usage_by_day(DAY14, DAY16, org="org_a"), _expected([r for r in USAGE_RECORDS[1:-1] if r.org == "org_a"])
+    )

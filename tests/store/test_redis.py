@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from proxy.store.base import GenerationRecord, KeyRecord, OrgRecord, StoreError
-from proxy.store.redis import GEN_TTL_S, RedisStore
+from proxy.store.redis import AGG_TTL_S, GEN_TTL_S, RedisStore
 from tests.redis_server import free_port, redis_server
 
 NOW = 1741953600.0
@@ -94,7 +94,7 @@ async def test_every_name_has_the_prefix(nodes: list[RedisStore], raw: aioredis.
     await s.take("rpm:key_1", 1, 5, 60)
     await s.write_generations([GenerationRecord(id="gen_1", key_id="key_1", org="org_a", model="m", created=NOW)])
     names = [n async for n in raw.scan_iter(match=s._p + "*")]
-    assert len(names) == 12  # one of each below
+    assert len(names) == 15  # one of each below, and three day counters
     assert {n.removeprefix(s._p).partition(":")[0] for n in names} == {
         "lease",
         "nodes",
@@ -108,8 +108,26 @@ async def test_every_name_has_the_prefix(nodes: list[RedisStore], raw: aioredis.
         "rate",
         "gen",
         "gens",
+        "daily",
     }
     assert 0 < await raw.ttl(s._p + "gen:gen_1") <= GEN_TTL_S
+    for name in ("daily:2025-03-14", "daily:2025-03-14:key:key_1", "daily:2025-03-14:org:org_a"):
+        assert GEN_TTL_S < await raw.ttl(s._p + name) <= AGG_TTL_S
+
+
+async def test_a_redis_that_forgot_the_ledger_script_gets_it_again(
+    nodes: list[RedisStore], raw: aioredis.Redis
+) -> None:
+    a, b = nodes[0], nodes[1]
+    first = [
+        GenerationRecord(id=f"gen_{i}", key_id="k", org="o", model="m", prompt_tokens=10, created=NOW) for i in range(3)
+    ]
+    await a.write_generations(first[:2])
+    await raw.script_flush()  # as after a restart without persistence, or a failover to a fresh replica
+    await b.write_generations(first)  # gen_0 and gen_1 again: counted once
+    assert await a.count_generations() == 3
+    [usage] = await a.usage_by_day(NOW - 86400, NOW)  # the day holding NOW
+    assert (usage.requests, usage.prompt_tokens) == (3, 30)
 
 
 async def test_the_ledger_index_forgets_what_the_ttl_expired(nodes: list[RedisStore]) -> None:

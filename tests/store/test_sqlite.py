@@ -136,7 +136,7 @@ async def test_a_file_from_before_node_leases_migrates(tmp_path: Path, monkeypat
 
     store = SQLiteStore(path)
     await store.open()
-    assert _user_version(path) == len(sqlite_mod.MIGRATIONS) == 2
+    assert _user_version(path) == len(sqlite_mod.MIGRATIONS)
     assert await store.lease("key_1", "org_a", None, None, 1.0, 2.0, NOW, "n1") == 2.0
     assert await store.reap(30.0, NOW + 31) == 2.0  # the old lease had no node: it stays
     assert (await store.key_usage("key_1", None, NOW)).outstanding == 3.0
