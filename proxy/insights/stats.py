@@ -57,7 +57,7 @@ def endpoint_stats(route: ModelRoute, ep: Endpoint, live: dict[str, Any]) -> dic
         "ttft_ms": {q: _ms(live["ttfb_s"][q]) for q in _QUANTILES},
         "latency_ms": {q: _ms(live["latency_s"][q]) for q in _QUANTILES},
         "throughput_tps": live["throughput_tps"],
-        "requests_5m": sum(outcomes.values()),  # upstream attempts: hedges and failovers count each
+        "requests_5m": sum(outcomes.values()),  # upstream attempts (hedges, failovers and health probes count each)
         "errors_5m": sum(n for name, n in outcomes.items() if name in _FAILURES),
     }
 
