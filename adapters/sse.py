@@ -46,6 +46,23 @@ class SseSplitter:
         return rest
 
 
+def event_end(buf: bytes | bytearray, start: int = 0) -> tuple[int, int]:
+    """The first event end at or after `start`: (where the event's bytes end, where the next event begins), or
+    (-1, -1) when no blank line (`\n\n` or `\r\n\r\n`) follows yet."""
+    lf = buf.find(b"\n\n", start)
+    crlf = buf.find(b"\r\n\r\n", start)
+    if crlf != -1 and (lf == -1 or crlf < lf):
+        return crlf, crlf + 4
+    if lf != -1:
+        return lf, lf + 2
+    return -1, -1
+
+
+def last_event_end(buf: bytes | bytearray) -> int:
+    """Where the bytes after the last complete event begin (0 when no event is complete)."""
+    return max(buf.rfind(b"\n\n") + 2, buf.rfind(b"\r\n\r\n") + 4, 0)
+
+
 def data_of(event: bytes) -> bytes:
     """The `data:` payload of an event (multi-line data joined by `\\n`, as the spec says)."""
     parts = [line[5:].removeprefix(b" ") for line in event.splitlines() if line.startswith(b"data:")]

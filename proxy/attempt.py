@@ -23,6 +23,7 @@ from typing import ClassVar, Protocol
 import msgspec
 
 from adapters.base import Transcoder, transcoded
+from adapters.sse import event_end
 from health.monitor import Monitor
 from health.window import Outcome
 from proxy.accounting.accountant import Generation
@@ -224,6 +225,30 @@ def _parse(parse: Callable[..., bytes], data: bytes, ep: Endpoint, *args: str) -
         ) from None
 
 
+class _Object(msgspec.Struct, gc=False):
+    pass  # no fields: decoding only checks that the body is one well-formed JSON object
+
+
+_decode_object = msgspec.json.Decoder(_Object).decode
+
+
+def _check_json(data: bytes, ep: Endpoint, committed: Committed) -> None:
+    """A passthrough success body must be a JSON object (an OpenAI answer): a truncated body, an HTML page from a
+    proxy in front of the provider or a stream under the wrong content type is the upstream's failure (retryable:
+    nothing reached the client yet), not a 200 for the client to choke on. A JSON object under another content
+    type is relayed as `application/json`."""
+    try:
+        _decode_object(data)
+    except msgspec.DecodeError:
+        raise UpstreamProtocolError(
+            f"upstream {ep.provider} answered {committed.status} with a body that is not a JSON object "
+            f"({committed.ctype or 'no content type'}, {len(data)} bytes)",
+            upstream=ep.provider,
+        ) from None
+    if "json" not in committed.ctype:
+        committed.ctype = "application/json"
+
+
 async def _first_content(
     chunks: AsyncIterator[bytes], committed: Committed, classify: Callable[[bytes], int] = classify_event
 ) -> None:
@@ -237,9 +262,9 @@ async def _first_content(
         except StopAsyncIteration:
             break  # ended before any content: relay what there is (the client sees the upstream's own end)
         buf += data
-        while (end := buf.find(b"\n\n", scanned)) != -1:
-            verdict = classify(bytes(buf[scanned:end]))
-            scanned = end + 2
+        while (bounds := event_end(buf, scanned))[0] != -1:  # `\n\n`, or `\r\n\r\n` as the SSE spec allows
+            verdict = classify(bytes(buf[scanned : bounds[0]]))
+            scanned = bounds[1]
             if verdict == _CONTENT:
                 committed.prefix = bytes(buf)
                 committed.chunks = it
@@ -342,6 +367,8 @@ async def run_attempt(
                     ) from None
             else:
                 data = await resp.read(max_response_bytes)
+                if not translate and reshape is None:
+                    _check_json(data, ep, committed)  # relayed as received: but a 2xx must be an answer
                 committed.body = _parse(adapter.parse_response, data, ep, ep.model) if translate else data
                 if reshape is not None:
                     committed.body = _parse(reshape.response, committed.body, ep)

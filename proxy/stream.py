@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
+from adapters.sse import last_event_end
 from health.window import Outcome
 from proxy.errors import GatewayError, UpstreamTimeout
 from proxy.lean_server.request import LeanRequest
@@ -92,11 +93,10 @@ async def whole_events(
     async for data in _chain(prefix, chunks):
         if carry:
             data = carry + data
-        end = data.rfind(b"\n\n")
-        if end == -1:
+        end = last_event_end(data)  # after `\n\n` or `\r\n\r\n`
+        if end == 0:
             carry = data
             continue
-        end += 2
         carry = data[end:]
         yield edit(data[:end]) if b'"usage"' in data else data[:end]
     if carry:

@@ -4,20 +4,24 @@ aiohttp's server is too well behaved to lie about a Content-Length, speak someth
 connection in the middle of a chunk or hand the socket one byte at a time, so this one writes the bytes
 itself. Well-formed answers keep the connection alive (the gateway pools connections); a fault closes it.
 
-What a request gets is chosen by the words of its last message, as in tests/billing.py. Each word is a
-directive, `name` or `name=value`; `name@upstream` applies only on the upstream of that name (the same request
-goes to every provider a gateway tries, so this is how one provider fails while the next one serves):
+A request with `"stream": true` gets an SSE stream (with a usage chunk before `[DONE]` when it asked with
+`stream_options.include_usage`), others a chat.completion. What else it gets is chosen by the words of its
+last message, as in tests/billing.py. Each word is a directive, `name` or `name=value`; `name@upstream`
+applies only on the upstream of that name (the same request goes to every provider a gateway tries, so this
+is how one provider fails while the next one serves):
 
-  stream           an SSE stream (also when the body has `"stream": true`); with `stream_options.include_usage`
-                   a usage chunk before `[DONE]`
   latency=S        wait S seconds before the response head; jitter=S adds up to S more (seeded)
   stall-head       never send a response head (until the gateway hangs up)
+  stall-mid-head   send half of the response head, then nothing
+  interim          a `103 Early Hints` head before the real one
   stall-body       send the head, then nothing (until the gateway hangs up)
   reset-after=K    send K stream events (non-streamed: K body bytes), then reset the connection (RST)
   close-after=N    send N body bytes of a response framed for more (Content-Length, or chunked), then close
   short-length     a Content-Length 16 bytes short of the body (the rest is garbage on the connection)
   slice            every body byte its own write, flushed (SSE streams: every byte its own HTTP chunk)
   trickle=BPS      the body at BPS bytes per second, in 8-byte writes
+  gap=S            streams: S seconds between events
+  crlf             streams: events framed with CRLF line ends (`\\r\\n\\r\\n` ends an event), as the SSE spec allows
   garbage          200, application/json, a body that is not JSON
   truncated        200, application/json, a body that is the first half of the JSON answer
   not-http         a reply that is not HTTP at all
@@ -250,6 +254,13 @@ class ChaosUpstream:
         if "stall-head" in d:
             await self._hang(reader)
             return False
+        if "stall-mid-head" in d:
+            head = _head(200, "application/json", 10)
+            await self._write(writer, head[: len(head) // 2])
+            await self._hang(reader)
+            return False
+        if "interim" in d:
+            await self._write(writer, b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")
         if "not-http" in d:
             await self._write(writer, b"SSH-2.0-OpenSSH_9.6\r\n\x00\xff garbage, not HTTP\r\n\r\n")
             return False
@@ -265,8 +276,7 @@ class ChaosUpstream:
             return await self._error(writer, int(d.num("status")), f"status {d.get('status')}")
         usage = usage_for(text)
         options = req.get("stream_options")
-        streamed = "stream" in d or req.get("stream") is True
-        if streamed:
+        if req.get("stream") is True:
             with_usage = isinstance(options, dict) and options.get("include_usage") is True
             return await self._stream(seen, d, reader, writer, stream_events(n, model, usage if with_usage else None),
                                       usage if with_usage else None)  # fmt: skip
@@ -304,7 +314,13 @@ class ChaosUpstream:
         return True
 
     async def _body(
-        self, seen: Seen, d: Directives, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ctype: str, body: bytes
+        self,
+        seen: Seen,
+        d: Directives,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        ctype: str,
+        body: bytes,
     ) -> bool:
         """A Content-Length body, written as the directives say; True if the connection stays usable."""
         length = len(body) - 16 if "short-length" in d else len(body)
@@ -338,10 +354,18 @@ class ChaosUpstream:
             return False
         if "reset-after" in d:
             events = events[: int(d.num("reset-after"))]
-        data = b"".join(events)
-        if "close-after" in d:
-            data = data[: int(d.num("close-after"))]
-        await self._pieces(seen, d, writer, data, chunked=True)
+        if "crlf" in d:
+            events = [e.replace(b"\n", b"\r\n") for e in events]
+        if "gap" in d:
+            for i, event in enumerate(events):
+                if i:
+                    await asyncio.sleep(d.num("gap"))
+                await self._pieces(seen, d, writer, event, chunked=True)
+        else:
+            data = b"".join(events)
+            if "close-after" in d:
+                data = data[: int(d.num("close-after"))]
+            await self._pieces(seen, d, writer, data, chunked=True)
         if "reset-after" in d:
             _reset(writer)
             return False

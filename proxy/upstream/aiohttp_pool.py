@@ -31,21 +31,25 @@ class AiohttpResponse:
         self.headers: CIMultiDictProxy[str] = resp.headers
 
     async def read(self, limit: int) -> bytes:
+        content = self._resp.content
+        idle = self._target.timeouts.idle_s
+        parts: list[bytes] = []
+        size = 0
         try:
-            async with asyncio.timeout(self._target.timeouts.idle_s):
-                body = await self._resp.content.read(limit + 1)
-                if len(body) > limit:
+            # The idle timeout bounds each wait for more bytes, as in chunks(): a body that keeps arriving slowly
+            # is not silent (the attempt's total deadline bounds the whole).
+            while True:
+                async with asyncio.timeout(idle):
+                    data = await content.readany()
+                if not data:
+                    break
+                parts.append(data)
+                size += len(data)
+                if size > limit:
                     raise UpstreamProtocolError(
                         f"upstream response larger than {limit} bytes", upstream=self._target.host
                     )
-                if not self._resp.content.at_eof():
-                    # read(n) may stop short; drain the rest the same way.
-                    rest = await self._resp.content.read()
-                    body += rest
-                    if len(body) > limit:
-                        raise UpstreamProtocolError(
-                            f"upstream response larger than {limit} bytes", upstream=self._target.host
-                        )
+            body = parts[0] if len(parts) == 1 else b"".join(parts)
         except TimeoutError:
             self.release()
             raise UpstreamTimeout("upstream went silent while sending its response") from None
