@@ -252,7 +252,10 @@ def _assistant(content: Any, path: str) -> list[Json]:
     for j, block in enumerate(_blocks(content, path)):
         kind = block.get("type")
         if kind == "text":
-            texts.append(block.get("text") or "")
+            text = block.get("text")
+            if text is not None and not isinstance(text, str):
+                raise BadRequest("a text block's `text` must be a string", param=f"{path}.content[{j}].text")
+            texts.append(text or "")
         elif kind == "tool_use":
             if not isinstance(block.get("name"), str) or not isinstance(block.get("id"), str):
                 raise BadRequest("a tool_use block needs `id` and `name`", param=f"{path}.content[{j}]")

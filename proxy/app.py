@@ -17,12 +17,14 @@ from proxy.accounting.admin import AdminAPI
 from proxy.accounting.keys import KeyRing
 from proxy.cache import ResponseCache
 from proxy.config import Config
+from proxy.edge import Edge
 from proxy.handlers import Gateway, error_middleware
 from proxy.insights.access import AccessLog
 from proxy.insights.dashboard import dashboard
 from proxy.insights.metrics import Metrics
 from proxy.insights.stats import StatsAPI
 from proxy.messages import messages_handler
+from proxy.openapi import openapi_handler
 from proxy.reload import Runtime
 from proxy.store import open_store
 from proxy.upstream import new_client
@@ -34,13 +36,15 @@ Route = tuple[str, str, Callable[..., Awaitable[web.StreamResponse]]]  # method,
 
 
 def build_app(cfg: Config) -> web.Application:
+    edge = Edge(cfg.server.cors)
     app = web.Application(
         client_max_size=cfg.server.max_body_bytes,
-        middlewares=[error_middleware],
+        middlewares=[*edge.middlewares(), error_middleware],  # CORS preflights (when on) before the routes
         handler_args={"max_field_size": 16 * 1024},  # long bearer tokens and cookies fit; more is abuse
     )
     gw = new_gateway(cfg)
     app[GATEWAY] = gw
+    app.on_response_prepare.append(edge.on_prepare)  # X-Request-Id (and CORS) on every answer, streams too
     for method, path, handler in routes(gw):
         app.router.add_route(method, path, handler)
         if method == "GET":
@@ -99,7 +103,7 @@ async def lifecycle(cfg: Config, gw: Gateway) -> AsyncIterator[None]:
 
 def routes(gw: Gateway) -> list[Route]:
     """The one route table; a GET route also answers HEAD on both engines."""
-    return [
+    table: list[Route] = [
         ("POST", "/v1/chat/completions", gw.chat_completions),
         ("POST", "/v1/completions", gw.completions),
         ("POST", "/v1/embeddings", gw.embeddings),
@@ -114,3 +118,4 @@ def routes(gw: Gateway) -> list[Route]:
         ("GET", "/dashboard", dashboard),  # the page holds no data and needs no key; it calls the APIs with one
         *(("GET", "/metrics", m.serve) for m in gw.accountant.observers if isinstance(m, Metrics)),  # no key
     ]
+    return [*table, ("GET", "/openapi.json", openapi_handler(table))]  # the spec of exactly these routes; no key

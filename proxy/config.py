@@ -389,8 +389,8 @@ def _server_problems(s: ServerConfig) -> list[str]:
 
         try:
             tls_context(s.tls)
-        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
-            problems.append(f"cannot load the TLS certificate and key: {e} - at `$.server.tls`")
+        except ValueError as e:
+            problems.append(f"cannot load the TLS certificate and key ({e}) - at `$.server.tls`")
     return problems
 
 

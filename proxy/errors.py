@@ -27,6 +27,7 @@ providers, rewritten into OpenAI's error shape by translating adapters (`error_b
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import ClassVar
 
 import orjson
@@ -38,6 +39,7 @@ class GatewayError(Exception):
     code: ClassVar[str | None] = None
     kind: ClassVar[str] = "internal"  # low-cardinality label for metrics and logs
     retryable: ClassVar[bool] = False
+    generation: str | None = None  # the generation that failed, if the request got that far (sent as a header)
 
     def __init__(self, message: str, *, param: str | None = None, upstream: str | None = None) -> None:
         super().__init__(message)
@@ -124,6 +126,13 @@ class UnknownModel(NotFound):
 class MethodNotAllowed(ClientError):
     status = 405
     code = "method_not_allowed"
+
+    def __init__(self, message: str, allow: Iterable[str] = ()) -> None:
+        super().__init__(message)
+        self.allow = ", ".join(sorted(set(allow)))  # RFC 9110: a 405 lists the methods the resource takes
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": self.allow}
 
 
 class Conflict(ClientError):

@@ -28,7 +28,7 @@ from proxy.errors import (
     RequestTimeout,
     Unavailable,
 )
-from proxy.forward import Forwarder
+from proxy.forward import GENERATION_HEADER, Forwarder
 from proxy.schema import _View, decode_view
 from proxy.store.base import KeyRecord
 
@@ -115,6 +115,7 @@ class Gateway:
             return await self.forwarder.forward(request, kind, view, body, gen, front)
         except GatewayError as e:
             gen.status = e.status
+            e.generation = gen.id  # the error answer names the generation too (and so its request id)
             raise
         except BaseException:  # the client left (cancelled, or its connection reset mid-stream)
             gen.cancelled = True
@@ -159,6 +160,8 @@ def render(err: GatewayError, body: bytes | None = None) -> web.Response:
     resp = web.Response(status=err.status, body=err.body() if body is None else body, content_type="application/json")
     for name, value in err.headers().items():
         resp.headers[name] = value
+    if err.generation is not None:
+        resp.headers[GENERATION_HEADER] = err.generation
     if isinstance(err, PayloadTooLarge | RequestTimeout):
         resp.force_close()  # the rest of the body may still be in flight; don't read it
     return resp
@@ -189,7 +192,8 @@ async def error_middleware(request: web.Request, handler: web.Handler) -> web.St
         if e.status == 404:
             return render(NotFound(f"no route for {request.method} {request.path}"))
         if e.status == 405:
-            return render(MethodNotAllowed(f"method {request.method} not allowed on {request.path}"))
+            allow = e.allowed_methods if isinstance(e, web.HTTPMethodNotAllowed) else ()
+            return render(MethodNotAllowed(f"method {request.method} not allowed on {request.path}", allow))
         if e.status == 413:
             return render(PayloadTooLarge("request body too large"))
         return render(_http_error(e))

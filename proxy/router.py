@@ -20,7 +20,7 @@ from health.state import EndpointState
 from health.window import EndpointHealth
 from proxy.accounting.catalog import Catalog, CatalogModel, default_catalog, load_catalog
 from proxy.config import BUILTIN_DEMO, Config, HedgeConfig, Price
-from proxy.errors import BadRequest, Unavailable, UnknownModel
+from proxy.errors import BadRequest, NotFound, UnknownModel
 from proxy.preferences import NO_PREFS, ProviderPrefs, Sort, request_params, split_suffix
 
 
@@ -154,8 +154,8 @@ class Router:
             out = _supporting(out, request_params(body), name)
         if not prefs.allow_fallbacks:
             out = out[:1]
-        if not out:
-            raise Unavailable(f"no endpoint of `{name}` matches the request's provider preferences")
+        if not out:  # the request's own filters left nothing (OpenRouter: 404): no 503, a retry cannot help
+            raise NotFound(f"no endpoint of `{name}` matches the request's provider preferences", param="provider")
         return route, out
 
     def _order(self, route: ModelRoute, sort: Sort | None) -> list[Endpoint]:

@@ -26,6 +26,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from proxy.app import GATEWAY, build_app, lifecycle, new_gateway, routes
 from proxy.config import Config
+from proxy.edge import REQUEST_ID, Edge, fresh_id, tls_context
 from proxy.errors import GatewayError, RequestTimeout
 from proxy.handlers import Gateway
 from proxy.insights import access
@@ -35,11 +36,11 @@ from proxy.reload import reload_from
 
 log = logging.getLogger("hedgerow")
 
+_HEAD_TIMEOUT_BODY = RequestTimeout("request head not received in time").body()
 _HEAD_TIMEOUT_RESPONSE = b"".join(
     (
         b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nConnection: close\r\n",
-        b"Content-Length: %d\r\n\r\n" % len(RequestTimeout("request head not received in time").body()),
-        RequestTimeout("request head not received in time").body(),
+        b"Content-Length: %d\r\nX-Request-Id: " % len(_HEAD_TIMEOUT_BODY),
     )
 )
 
@@ -66,7 +67,8 @@ class _HeadDeadlineHandler(RequestHandler):
     def _head_expired(self) -> None:
         self._head_timer = None
         if self.transport is not None and not self._messages and self._awaiting_head():
-            self.transport.write(_HEAD_TIMEOUT_RESPONSE)
+            rid = fresh_id().encode()
+            self.transport.write(b"%s%s\r\n\r\n%s" % (_HEAD_TIMEOUT_RESPONSE, rid, _HEAD_TIMEOUT_BODY))
             self.force_close()
 
     def no_linger(self) -> None:
@@ -94,6 +96,7 @@ class _HeadDeadlineHandler(RequestHandler):
         if status == 400:
             err.openai_type = "invalid_request_error"  # type: ignore[misc]
         resp = web.Response(status=status, body=err.body(), content_type="application/json")
+        resp.headers[REQUEST_ID] = fresh_id()  # the request (and its own id) could not be read
         resp.force_close()
         return resp
 
@@ -157,7 +160,8 @@ async def serve(
             task.add_done_callback(reloads.discard)
 
         loop.add_signal_handler(signal.SIGHUP, on_hup)
-    log.info("hedgerow listening on http://%s:%d (pid %d, %s engine)", s.host, port, os.getpid(), s.engine)
+    scheme = "https" if s.tls is not None else "http"
+    log.info("hedgerow listening on %s://%s:%d (pid %d, %s engine)", scheme, s.host, port, os.getpid(), s.engine)
     if on_ready is not None:
         on_ready(port)
     await stop.wait()
@@ -184,8 +188,9 @@ async def _start_aiohttp(cfg: Config, reuse_port: bool) -> _Started:
         keepalive_timeout=s.keepalive_timeout_s,
         shutdown_timeout=s.drain_grace_s,
     )
+    tls = tls_context(s.tls) if s.tls is not None else None  # before setup: a file gone since the check fails here
     await runner.setup()
-    site = web.TCPSite(runner, s.host, s.port, reuse_port=reuse_port or None, backlog=2048)
+    site = web.TCPSite(runner, s.host, s.port, reuse_port=reuse_port or None, backlog=2048, ssl_context=tls)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     # runner.cleanup closes the listener, waits for handlers up to shutdown_timeout, then cancels them.
@@ -202,9 +207,11 @@ async def _start_lean(cfg: Config, reuse_port: bool) -> _Started:
         max_body=s.max_body_bytes,
         header_timeout=s.header_timeout_s,
         keepalive_timeout=s.keepalive_timeout_s,
+        edge=Edge(s.cors),
     )
     try:
-        port = await server.start(s.host, s.port, reuse_port=reuse_port)
+        tls = tls_context(s.tls) if s.tls is not None else None
+        port = await server.start(s.host, s.port, reuse_port=reuse_port, ssl=tls)
     except BaseException:
         await stack.aclose()
         raise

@@ -50,9 +50,9 @@ LINGER_BYTES = 64 << 20  # …and how much of it, at most
 _SLACK = 0.001  # timer handles may run up to the loop's clock resolution early
 _METHODS = {m.encode(): m for m in ("GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH")}
 
-_BAD_HTTP = error_bytes(BadRequest("malformed HTTP request"))
-_HEAD_TIMEOUT = error_bytes(RequestTimeout("request head not received in time"))
-_HEAD_TOO_LARGE = error_bytes(HeadersTooLarge("request head too large"))
+_BAD_HTTP = BadRequest("malformed HTTP request")  # answered by `error_bytes`, each with a fresh request id
+_HEAD_TIMEOUT = RequestTimeout("request head not received in time")
+_HEAD_TOO_LARGE = HeadersTooLarge("request head too large")
 
 
 class _Stop(Exception):
@@ -109,7 +109,7 @@ class Connection(asyncio.Protocol):
         self._closing = False  # close once the active request is answered
         self._bad: bytes | None = None  # an error to answer once the queue is served, then close
         self._broken = False  # the byte stream is no longer HTTP we can follow: parse nothing more
-        self._reject_with = _BAD_HTTP
+        self._reject_with: GatewayError = _BAD_HTTP
         self._linger = True
         self._lingering: LeanRequest | None = None  # answered; its unread body is being dropped
         self._dropped = 0
@@ -298,6 +298,7 @@ class Connection(asyncio.Protocol):
         keep = req.keep_alive and resp.keep_alive is not False and not self._closing
         if not keep:
             self._closing = True
+        self._server.edge.stamp(req.headers, resp.headers)
         for data in plain_response(resp, keep, req.http10, req.method == "HEAD"):
             self.send(data)
 
@@ -306,6 +307,7 @@ class Connection(asyncio.Protocol):
         keep = req.keep_alive and not self._closing and not req.http10
         if not keep:
             self._closing = True
+        self._server.edge.stamp(req.headers, headers)
         req.stream = stream = LeanStream(
             self, not req.http10, head(status, None, headers, framing(None, keep, req.http10))
         )
@@ -375,10 +377,11 @@ class Connection(asyncio.Protocol):
 
     # -- errors --
 
-    def _reject(self, answer: bytes) -> None:
-        """The byte stream broke (or a head was too slow or too large): answer `answer` once the requests
+    def _reject(self, error: GatewayError) -> None:
+        """The byte stream broke (or a head was too slow or too large): answer `error` once the requests
         before it are answered, then close. A body broken mid-way fails that request's `read()` instead."""
         self._broken = True
+        answer = error_bytes(error)
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None

@@ -97,9 +97,13 @@ def plain_response(resp: web.Response, keep_alive: bool, http10: bool, head_only
 
 
 def error_bytes(err: GatewayError, *, close: bool = True) -> bytes:
-    """A complete JSON error response written by the engine itself (bad HTTP, head deadline)."""
+    """A complete JSON error response written by the engine itself (bad HTTP, head deadline), with a fresh
+    request id (no request was read to take one from)."""
+    from proxy.edge import REQUEST_ID, fresh_id  # late: proxy.edge imports proxy.forward, which imports this
+
     body = err.body()
-    return head(err.status, None, {"Content-Type": "application/json"}, framing(len(body), not close, False)) + body
+    headers = {"Content-Type": "application/json", REQUEST_ID: fresh_id()}
+    return head(err.status, None, headers, framing(len(body), not close, False)) + body
 
 
 class LeanStream:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
+from ssl import SSLContext
 
 from aiohttp import web
 
+from proxy.config import CorsConfig
+from proxy.edge import Edge
 from proxy.errors import MethodNotAllowed, NotFound
 from proxy.lean_server.protocol import Connection, Handler
 from proxy.lean_server.request import LeanRequest
@@ -21,18 +24,23 @@ async def _not_found(request: LeanRequest) -> web.StreamResponse:
     raise NotFound(f"no route for {request.method} {request.path}")
 
 
-async def _method_not_allowed(request: LeanRequest) -> web.StreamResponse:
-    raise MethodNotAllowed(f"method {request.method} not allowed on {request.path}")
+def _method_not_allowed(allow: Iterable[str]) -> Handler:
+    async def method_not_allowed(request: LeanRequest) -> web.StreamResponse:
+        raise MethodNotAllowed(f"method {request.method} not allowed on {request.path}", allow)
+
+    return method_not_allowed
 
 
 class LeanServer:
     """Serves the gateway's route table on `Connection`s; `shutdown()` drains like aiohttp's runner."""
 
     __slots__ = (
+        "_not_allowed",
         "_routes",
         "_server",
         "connections",
         "draining",
+        "edge",
         "header_timeout",
         "keepalive_timeout",
         "loop",
@@ -46,8 +54,10 @@ class LeanServer:
         max_body: int,
         header_timeout: float,
         keepalive_timeout: float,
+        edge: Edge | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
+        self.edge = edge or Edge(CorsConfig())  # request ids (and CORS) on every answer
         self.max_body = max_body
         self.header_timeout = header_timeout
         self.keepalive_timeout = keepalive_timeout
@@ -61,23 +71,35 @@ class LeanServer:
             by_method[method] = handler
             if method == "GET":
                 by_method.setdefault("HEAD", handler)  # as aiohttp's add_get: HEAD answers without the body
+        self._not_allowed = {path: _method_not_allowed(methods) for path, methods in self._routes.items()}
 
     def route(self, req: LeanRequest) -> Handler:
-        methods = self._routes.get(req.path)
+        path = req.path
+        methods = self._routes.get(path)
         if methods is None:
             # One trailing `{id}` segment (the admin API's /api/v1/keys/{id}), as aiohttp's router matches it;
             # tried only after the exact lookup missed, so the hot routes never pay for it.
-            head, _, tail = req.path.rpartition("/")
-            methods = self._routes.get(head + "/{id}") if tail else None
+            head, _, tail = path.rpartition("/")
+            path = head + "/{id}"
+            methods = self._routes.get(path) if tail else None
             if methods is None:
-                return _not_found
+                return self.edge.preflight_handler(req.method, req.headers) or _not_found
             req.match_info = {"id": tail}
-        return methods.get(req.method, _method_not_allowed)
+        handler = methods.get(req.method)
+        if handler is None:  # OPTIONS is a CORS preflight, or (like any other method not routed) a 405
+            return self.edge.preflight_handler(req.method, req.headers) or self._not_allowed[path]
+        return handler
 
-    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
-        """Listen; returns the bound port (useful for port 0)."""
+    async def start(self, host: str, port: int, *, reuse_port: bool = False, ssl: SSLContext | None = None) -> int:
+        """Listen (HTTPS with `ssl`); returns the bound port (useful for port 0)."""
         self._server = await self.loop.create_server(
-            lambda: Connection(self), host, port, reuse_port=reuse_port or None, backlog=2048
+            lambda: Connection(self),
+            host,
+            port,
+            reuse_port=reuse_port or None,
+            backlog=2048,
+            ssl=ssl,
+            ssl_handshake_timeout=self.header_timeout if ssl is not None else None,  # the head's deadline
         )
         return self._server.sockets[0].getsockname()[1]
 

@@ -425,6 +425,10 @@ def test_tool_choice(choice, expected):
         ({"thinking": {"type": "enabled", "budget_tokens": "lots"}}, "thinking.budget_tokens"),
         ({"tool_choice": {"type": "sometimes"}}, "tool_choice"),
         ({"system": [{"type": "image"}]}, "system[0]"),
+        (  # was a TypeError: a 500
+            {"messages": [{"role": "assistant", "content": [{"type": "text", "text": 5}]}]},
+            "messages[0].content[0].text",
+        ),
     ],
 )
 def test_what_an_openai_upstream_cannot_do_is_a_400_naming_the_field(req, param):

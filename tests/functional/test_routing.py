@@ -530,7 +530,7 @@ async def test_max_price_filters_endpoints(upstreams, gateway, http):
     assert posts(f["a"]) == 0
     body = {**CHAT, "provider": {"max_price": {"prompt": 0.5}}}
     status, _, data = await post(http, gw.v1 + "/chat/completions", body)
-    assert status == 503
+    assert status == 404  # the request's own filter left no endpoint (as OpenRouter): a retry cannot help
     assert "preferences" in assert_openai_error(data)["message"]
     assert sum(posts(x) for x in f.values()) == 10
 
@@ -547,9 +547,9 @@ async def test_preferences_matching_no_provider_are_a_clear_error(upstreams, gat
     f = await upstreams("a", "b")
     gw = await gateway(gateway_config(urls(f)))
     status, _, data = await post(http, gw.v1 + "/chat/completions", {**CHAT, "provider": prefs})
-    assert status == 503
+    assert status == 404
     err = assert_openai_error(data)
-    assert MODEL in err["message"] and "preferences" in err["message"]
+    assert MODEL in err["message"] and "preferences" in err["message"] and err["param"] == "provider"
     assert posts(f["a"]) == posts(f["b"]) == 0
 
 
