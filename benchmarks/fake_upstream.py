@@ -19,8 +19,19 @@ draw per request from a seeded RNG (`--seed`), so a run is reproducible given th
 `GET /stats` answers what was served: `{"requests", "slow", "failed", "reset", "gets"}` (requests = POSTs;
 /stats itself is not counted).
 
+Stamped streams, for the `streams` scenario (OpenAI format only; off unless asked): with `--stamp-events N`
+a streamed POST answers N generated content events instead of the fixture (N from the body's `"max_tokens"`
+when it has one, so one upstream serves streams of any length), `--chunk-gap-ms` apart on an absolute
+schedule, each event's content `#<seq>@<ns>`: its sequence number and `time.perf_counter_ns()` (CLOCK_MONOTONIC,
+comparable across processes) taken just before its write; then a `finish_reason` event and `[DONE]`. With
+`--push-bytes B` a streamed POST instead pushes ~B bytes of such events (padded to ~16 KiB each) as fast as
+the connection takes them, waiting whenever the transport asks it to (`pause_writing`), so what it could not
+send stays unsent instead of in this process's memory. `/stats` then also has `stamped_events` and `push_bytes`
+(bytes handed to the transport), `push_events` and `push_done`.
+
 Run: python -m benchmarks.fake_upstream --port 18001 [--format openai] [--ttft-ms 0] [--ttft-jitter-ms 0]
      [--chunk-gap-ms 0] [--slow-share 0 --slow-ms 2000] [--fail-share 0] [--reset-share 0] [--seed 1]
+     [--stamp-events N | --push-bytes B]
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ import random
 import re
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import cast
 
@@ -203,14 +215,48 @@ class Faults:
         return _response(json.dumps(self.counts).encode())
 
 
+_MAX_TOKENS = re.compile(rb'"max_tokens"\s*:\s*(\d+)')
+_STAMP_CAP = 100_000  # events per stamped stream, whatever a body asks
+_PUSH_PAD = 16_000  # bytes of padding per pushed event
+
+
+class Stamped:
+    """Stamped streams (`--stamp-events`, `--push-bytes`): each event carries its sequence number and its send
+    time, so a client can count lost or reordered events and measure each event's lag. Counted in `counts`
+    (the upstream's /stats)."""
+
+    def __init__(self, events: int = 0, push_bytes: int = 0, counts: dict[str, int] | None = None) -> None:
+        self.events = events
+        self.push_bytes = push_bytes
+        self.counts = counts if counts is not None else {}
+        self.counts.update(stamped_events=0, push_bytes=0, push_events=0, push_done=0)
+        head = b'data: {"id":"chatcmpl-stamped","object":"chat.completion.chunk","created":1700000000,'
+        head += b'"model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":"'
+        self._head = head
+        self._rest = b'"},"finish_reason":null}]}\n\n'
+        finish = head[: head.index(b'"delta"')] + b'"delta":{},"finish_reason":"stop"}]}\n\n'
+        self.tail = b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in (finish, b"data: [DONE]\n\n")) + b"0\r\n\r\n"
+
+    def events_for(self, body: bytes) -> int:
+        m = _MAX_TOKENS.search(body)
+        return min(int(m[1]), _STAMP_CAP) if m else self.events
+
+    def event(self, seq: int, pad: bytes = b"") -> bytes:
+        """One HTTP chunk holding one SSE event, stamped now."""
+        payload = b"%s#%d@%d%s%s" % (self._head, seq, time.perf_counter_ns(), pad, self._rest)
+        return b"%x\r\n%s\r\n" % (len(payload), payload)
+
+
 class FakeOpenAI(asyncio.Protocol):
     """One keep-alive connection. Responses with no delay are written inline from the parser callback;
     delayed ones run in a task chained to the previous one, so pipelined requests still answer in order."""
 
-    def __init__(self, routes: Routes, faults: Faults, gap_s: float) -> None:
+    def __init__(self, routes: Routes, faults: Faults, gap_s: float, stamped: Stamped | None = None) -> None:
         self._routes = routes
         self._faults = faults
         self._gap_s = gap_s
+        self._stamped = stamped
+        self._writable: asyncio.Future[None] | None = None  # set while the transport asks us to stop writing
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._url = b""
@@ -223,6 +269,16 @@ class FakeOpenAI(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._tail is not None:
             self._tail.cancel()
+
+    # Flow control: only stamped streams wait on it; every other answer is small and written at once.
+    def pause_writing(self) -> None:
+        if self._writable is None:
+            self._writable = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        waiter, self._writable = self._writable, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -277,6 +333,10 @@ class FakeOpenAI(asyncio.Protocol):
             and path == routes.stream_path
             and (not routes.stream_by_body or _wants_stream(b"".join(self._body)))
         ):
+            if self._stamped is not None:
+                body = b"".join(self._body)
+                self._tail = asyncio.ensure_future(self._write_stamped(self._tail, body, keep_alive, ttft_s))
+                return
             parts = [routes.stream_head, *routes.stream_chunks]
         else:
             parts = [routes.fixed.get((method, path), routes.not_found)]
@@ -315,16 +375,70 @@ class FakeOpenAI(asyncio.Protocol):
         if self._tail is asyncio.current_task():
             self._tail = None
 
+    async def _write_stamped(
+        self, previous: asyncio.Task[None] | None, body: bytes, keep_alive: bool, ttft_s: float
+    ) -> None:
+        """A stamped stream: N events `--chunk-gap-ms` apart (on an absolute schedule, so the gaps do not
+        drift), or with `--push-bytes` padded events as fast as the transport takes them."""
+        if previous is not None:
+            await previous
+        transport = self._transport
+        stamped = self._stamped
+        assert transport is not None and stamped is not None
+        counts = stamped.counts
+        if ttft_s:
+            await asyncio.sleep(ttft_s)
+        if stamped.push_bytes:
+            pad = b" " + b"x" * _PUSH_PAD
+            sent, seq = 0, 0
+            transport.write(self._routes.stream_head)
+            while sent < stamped.push_bytes:
+                if self._writable is not None:
+                    await self._writable
+                elif seq % 64 == 63:
+                    await asyncio.sleep(0)  # let /stats through while the peer takes everything at once
+                if transport.is_closing():
+                    return
+                chunk = stamped.event(seq, pad)
+                transport.write(chunk)
+                sent += len(chunk)
+                seq += 1
+                counts["push_bytes"] += len(chunk)
+                counts["push_events"] += 1
+            counts["push_done"] += 1
+        else:
+            events = stamped.events_for(body)
+            start = time.monotonic()
+            for seq in range(events):
+                if seq:
+                    await asyncio.sleep(max(0.0, start + seq * self._gap_s - time.monotonic()))
+                if self._writable is not None:
+                    await self._writable
+                if transport.is_closing():
+                    return
+                chunk = stamped.event(seq)
+                transport.write(self._routes.stream_head + chunk if seq == 0 else chunk)
+                counts["stamped_events"] += 1
+            if not events:
+                transport.write(self._routes.stream_head)
+        transport.write(stamped.tail)
+        if not keep_alive:
+            transport.close()
+        if self._tail is asyncio.current_task():
+            self._tail = None
+
 
 def _wants_stream(body: bytes) -> bool:
     return b'"stream":true' in body or b'"stream": true' in body
 
 
-async def serve(host: str, port: int, faults: Faults, gap_ms: float, fmt: str = "openai") -> None:
+async def serve(
+    host: str, port: int, faults: Faults, gap_ms: float, fmt: str = "openai", stamped: Stamped | None = None
+) -> None:
     loop = asyncio.get_running_loop()
     routes = Routes(fmt=fmt)
     server = await loop.create_server(
-        lambda: FakeOpenAI(routes, faults, gap_ms / 1000), host, port, backlog=4096, reuse_address=True
+        lambda: FakeOpenAI(routes, faults, gap_ms / 1000, stamped), host, port, backlog=4096, reuse_address=True
     )
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -350,7 +464,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fail-share", type=float, default=0.0, help="share of POSTs answered 500 at once")
     parser.add_argument("--reset-share", type=float, default=0.0, help="share of POSTs whose connection is aborted")
     parser.add_argument("--seed", type=int, default=1, help="seed of the fault draws")
+    parser.add_argument(
+        "--stamp-events",
+        type=int,
+        default=0,
+        metavar="N",
+        help="openai: a streamed POST answers N stamped events (#seq@perf_counter_ns; N from the body's max_tokens "
+        "if it has one), --chunk-gap-ms apart, instead of the fixture",
+    )
+    parser.add_argument(
+        "--push-bytes",
+        type=int,
+        default=0,
+        metavar="B",
+        help="openai: a streamed POST pushes ~B bytes of stamped ~16 KiB events as fast as the connection takes them",
+    )
     args = parser.parse_args(argv)
+    stamping = args.stamp_events or args.push_bytes
+    if args.stamp_events < 0 or args.push_bytes < 0 or (stamping and args.format != "openai"):
+        parser.error("--stamp-events and --push-bytes must be ≥ 0, and serve the openai format only")
     try:
         faults = Faults(
             ttft_s=args.ttft_ms / 1000,
@@ -363,7 +495,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     except ValueError as e:
         parser.error(str(e))
-    uvloop.run(serve(args.host, args.port, faults, args.chunk_gap_ms, args.format))
+    stamped = Stamped(args.stamp_events, args.push_bytes, faults.counts) if stamping else None
+    uvloop.run(serve(args.host, args.port, faults, args.chunk_gap_ms, args.format, stamped))
 
 
 if __name__ == "__main__":

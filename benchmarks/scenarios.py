@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks import accounting, failover, hedging, overhead, routing, transcoding
+from benchmarks import accounting, failover, hedging, overhead, routing, stats, streams, transcoding
 
 
 @dataclass(frozen=True)
@@ -74,5 +74,22 @@ SCENARIOS: dict[str, Scenario] = {
             "(default: 200 req/s, 7 rounds × 2 s; ~3.5 min)"
         ),
         run=accounting.run,
+    ),
+    "stats": Scenario(
+        summary=(
+            "do the stats API's TTFT and latency p50/p90/p99 (GET /api/v1/models) agree within 10 % with\n"
+            "the load generator's of the same run? streamed requests, log-normal TTFT with a slow tail,\n"
+            "a fresh gateway; also requests_5m vs requests sent (default: 50 req/s × 60 s; ~1.2 min)"
+        ),
+        run=stats.run,
+    ),
+    "streams": Scenario(
+        summary=(
+            "many long-lived streams through one gateway worker: 100, 1,000, 5,000, 10,000 concurrent\n"
+            "SSE streams (one stamped event a second), worker RSS and bytes per stream, per-event lag\n"
+            "vs direct, lost/reordered events; a client that stops reading (backpressure); PNG charts\n"
+            "next to --json (default: ~5.5 min; --quick: 100 and 1,000, ~1 min)"
+        ),
+        run=streams.run,
     ),
 }
