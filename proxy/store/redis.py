@@ -279,6 +279,12 @@ class RedisStore:
             async with asyncio.timeout(timeout_s or self._timeout_s):
                 yield
         except (RedisError, OSError, TimeoutError) as e:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # The task was being cancelled and the client answered with an error of its own (it drops the
+                # connection on cancel): pass the cancellation on, or a background loop that retries on
+                # StoreError would never stop, and neither would the process.
+                raise asyncio.CancelledError from e
             raise StoreError(f"redis: {e!r}") from e
 
     async def open(self) -> None:

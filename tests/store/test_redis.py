@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from proxy.store.base import GenerationRecord, KeyRecord, OrgRecord, StoreError
 from proxy.store.redis import AGG_TTL_S, GEN_TTL_S, RedisStore
@@ -228,5 +229,27 @@ async def test_subscribe_keys_raises_store_error_when_redis_goes_away() -> None:
     try:
         with pytest.raises(StoreError):
             await first
+    finally:
+        await store.close()
+
+
+async def test_a_cancellation_the_client_turns_into_an_error_stays_a_cancellation(redis_url):
+    url, prefix = redis_url
+    store = RedisStore(url, prefix=prefix)
+    await store.open()
+
+    async def op() -> None:
+        async with store._op():
+            asyncio.current_task().cancel()  # the task is being cancelled (a graceful stop)…
+            raise RedisConnectionError("Connection closed by server.")  # …and redis-py answers so
+
+    try:
+        task = asyncio.create_task(op())
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert task.cancelled()  # not a StoreError, which a retrying loop would swallow
+        with pytest.raises(StoreError):  # without a cancellation, the same error is a StoreError
+            async with store._op():
+                raise RedisConnectionError("Connection closed by server.")
     finally:
         await store.close()
