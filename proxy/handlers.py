@@ -111,7 +111,9 @@ class Gateway:
         if TRACING:
             gen.traceparent, gen.operation = request.headers.get("traceparent"), kind
         try:
-            await acct.admit(gen)
+            acct.allowed(gen)
+            if acct.limited(gen):
+                await acct.admit(gen)
             return await self.forwarder.forward(request, kind, view, body, gen, front)
         except GatewayError as e:
             gen.status = e.status

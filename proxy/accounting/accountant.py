@@ -302,13 +302,20 @@ class Accountant:
         gen.include_cost = self.usage_cost == "always" or (self.usage_cost == "request" and include_cost)
         return gen
 
-    async def admit(self, gen: Generation) -> None:
-        """The key's model list and rate limits: before anything is planned or sent."""
-        key = gen.key
-        if key.allowed_models is not None and gen.model not in key.allowed_models:
+    def allowed(self, gen: Generation) -> None:
+        """The key's model list: before anything is planned or sent."""
+        models = gen.key.allowed_models
+        if models is not None and gen.model not in models:
             raise Forbidden(f"this API key may not use model `{gen.model}`")
-        if (key.rpm is not None or key.tpm is not None) and self.cfg.enabled:
-            gen.headers = await self.rates.admit(key)
+
+    def limited(self, gen: Generation) -> bool:
+        """Does this request go through `admit`? Most keys have no rate limit: they skip the await."""
+        key = gen.key
+        return (key.rpm is not None or key.tpm is not None) and self.cfg.enabled
+
+    async def admit(self, gen: Generation) -> None:
+        """The key's rate limits (when `limited`): before anything is planned or sent."""
+        gen.headers = await self.rates.admit(gen.key)
 
     def metered(self, gen: Generation) -> bool:
         """Must this request reserve credit? If not, `unmetered` stands in for `reserve`, without an await."""
