@@ -56,7 +56,16 @@ from benchmarks.kit import (
     verdicts,
     write_report,
 )
-from benchmarks.overhead import CONCURRENCY, Runs, Target, run_rounds, summarize
+from benchmarks.overhead import (
+    CONCURRENCY,
+    Runs,
+    Target,
+    cpu_us_per_request,
+    cpu_vs_baseline,
+    run_rounds,
+    summarize,
+    vs_baseline,
+)
 
 if TYPE_CHECKING:
     from benchmarks.scenarios import Options
@@ -292,22 +301,6 @@ def _median(values: list[float]) -> float | None:
     return round(statistics.median(values), 4) if values else None
 
 
-def _vs_off(runs: Runs, name: str, test: str, field: str, added: bool) -> list[float]:
-    """Per round: the target's figure over the `off` gateway's (minus direct's first, when `added`)."""
-    out = []
-    for i, (x, off) in enumerate(zip(runs[name][test], runs["off"][test], strict=True)):
-        base = runs["direct"][test][i][field] if added else 0.0
-        if None in (x[field], off[field], base) or off[field] - base <= 0:
-            continue
-        out.append((x[field] - base) / (off[field] - base))
-    return out
-
-
-def _cpu_us(r: dict[str, Any]) -> float | None:
-    pct, n = r.get("proxy_cpu_pct"), r["count"]
-    return None if pct is None or not n else 1e6 * pct / 100 * r["elapsed_s"] / n
-
-
 def _summarize(
     runs: Runs,
     warmups: dict[str, list[dict[str, Any]]],
@@ -321,7 +314,7 @@ def _summarize(
         every = measured + warmups.get(name, []) + ([probes[name]] if name in probes else [])
         s["requests"] = sum(r["count"] for r in every)
         s["errors"] = sum(r["errors"] for r in every)
-        cpu = [c for r in runs[name]["closed"] if (c := _cpu_us(r)) is not None]
+        cpu = [c for r in runs[name]["closed"] if (c := cpu_us_per_request(r)) is not None]
         s["cpu_us"] = _median(cpu) if name != "direct" else None
         if name in probes:
             s["ratelimit_header"] = probes[name]["headers"][RATELIMIT_HEADER]
@@ -336,12 +329,10 @@ def _summarize(
                 ("added_ttfb_p50", "stream", "ttfb_p50", True),
                 ("rps", "closed", "rps", False),
             ):
-                per_round = _vs_off(runs, name, test, field, added)
+                per_round = vs_baseline(runs, name, "off", test, field, added)
                 vs[key] = _median(per_round)
                 vs[key + "_range"] = f"{min(per_round):.2f}–{max(per_round):.2f}" if per_round else None
-            pairs = zip(runs[name]["closed"], runs["off"]["closed"], strict=True)
-            cpu_vs = [a / b for x, off in pairs if (a := _cpu_us(x)) is not None and (b := _cpu_us(off))]
-            vs["cpu_us"] = _median(cpu_vs)
+            vs["cpu_us"] = _median(cpu_vs_baseline(runs, name, "off"))
             all_off = summary["off"].get("cpu_us_all")
             vs["cpu_us_all"] = round(s["cpu_us_all"] / all_off, 4) if s["cpu_us_all"] and all_off else None
             s["vs_off"] = vs

@@ -241,6 +241,29 @@ def run_rounds(
     return runs
 
 
+def vs_baseline(runs: Runs, name: str, baseline: str, test: str, field: str, added: bool) -> list[float]:
+    """Per round: the target's figure over the baseline target's (each minus direct's first, when `added`)."""
+    out = []
+    for i, (x, base) in enumerate(zip(runs[name][test], runs[baseline][test], strict=True)):
+        floor = runs["direct"][test][i][field] if added else 0.0
+        if None in (x[field], base[field], floor) or base[field] - floor <= 0:
+            continue
+        out.append((x[field] - floor) / (base[field] - floor))
+    return out
+
+
+def cpu_us_per_request(r: dict[str, Any]) -> float | None:
+    """The proxy's CPU time per request in a closed-loop run (None for the upstream or an empty run)."""
+    pct, n = r.get("proxy_cpu_pct"), r["count"]
+    return None if pct is None or not n else 1e6 * pct / 100 * r["elapsed_s"] / n
+
+
+def cpu_vs_baseline(runs: Runs, name: str, baseline: str) -> list[float]:
+    """Per closed-loop round: the target's CPU time per request over the baseline target's."""
+    pairs = zip(runs[name]["closed"], runs[baseline]["closed"], strict=True)
+    return [a / b for x, base in pairs if (a := cpu_us_per_request(x)) is not None and (b := cpu_us_per_request(base))]
+
+
 def _brief(result: dict[str, Any]) -> str:
     text = f"p50 {_ms(result['p50'])} p99 {_ms(result['p99'])} ms, {result['rps']:,.0f} req/s"
     if result["errors"]:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks import accounting, failover, hedging, overhead, routing, stats, streams, transcoding
+from benchmarks import accounting, failover, hedging, insights, overhead, routing, stats, streams, transcoding
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,14 @@ SCENARIOS: dict[str, Scenario] = {
             "(default: 200 req/s, 7 rounds × 2 s; ~3.5 min)"
         ),
         run=accounting.run,
+    ),
+    "insights": Scenario(
+        summary=(
+            "what Prometheus metrics and the access log cost a request: overhead's tests against the\n"
+            "gateway with both off and with both on; added p50 on vs off, /metrics and the log count\n"
+            "every request (default: 200 req/s, 7 rounds × 2 s; ~2.5 min)"
+        ),
+        run=insights.run,
     ),
     "stats": Scenario(
         summary=(
