@@ -156,6 +156,9 @@ class ServerConfig(Base):
     header_timeout_s: PositiveFloat = 10.0  # slowloris guard: whole request head must arrive in this time
     body_timeout_s: PositiveFloat = 30.0  # whole request body must arrive in this time
     keepalive_timeout_s: PositiveFloat = 75.0  # idle client connection closed after this
+    # Client connection caps; why these defaults: `ConnectionCaps` in proxy/edge.py. IPv6 addresses count by /64.
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 16_384  # per worker, open at once; more: 503 and close
+    max_connections_per_ip: Annotated[int, msgspec.Meta(ge=1)] | None = None  # per worker and address; None: no cap
     drain_grace_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0  # SIGTERM: time in-flight streams get to end
     max_response_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024 * 1024  # non-streamed upstream body
     upstream_client: Literal["lean", "aiohttp"] = "lean"  # lean: httptools pool for http:// (https → aiohttp)

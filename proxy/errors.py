@@ -15,6 +15,7 @@
     * RateLimited              429 rate_limit_error       the key's rpm/tpm; Retry-After and X-RateLimit-*
     * HeadersTooLarge          431 invalid_request_error  request head over the server's limit
   * Unavailable                503 service_unavailable    draining, or no endpoint can serve the model
+    * TooManyConnections       503 too_many_connections   a new connection over `max-connections`(`-per-ip`)
   * UpstreamError              502 upstream_error         counts against the upstream's health
     * UpstreamConnectError     502                        retryable: nothing was sent
     * UpstreamTimeout          504 timeout                retryable only before the first byte went downstream
@@ -22,7 +23,8 @@
     * StreamInterrupted        502                        never retried: the client already has bytes
 
 An upstream's own 4xx answer is relayed with its status and needs no class: as received from OpenAI-format
-providers, rewritten into OpenAI's error shape by translating adapters (`error_body`).
+providers, rewritten into OpenAI's error shape by translating adapters (`error_body`) — in both cases with the
+provider's own credential masked, should the upstream quote it (proxy/attempt.py).
 """
 
 from __future__ import annotations
@@ -164,6 +166,10 @@ class Unavailable(GatewayError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": "1"}
+
+
+class TooManyConnections(Unavailable):
+    code = "too_many_connections"
 
 
 class UpstreamError(GatewayError):

@@ -20,6 +20,7 @@ from proxy.accounting.catalog import model_entry
 from proxy.accounting.keys import KeyRing
 from proxy.attempt import Front
 from proxy.errors import (
+    BadRequest,
     Forbidden,
     GatewayError,
     MethodNotAllowed,
@@ -119,6 +120,12 @@ class Gateway:
             gen.status = e.status
             e.generation = gen.id  # the error answer names the generation too (and so its request id)
             raise
+        except RecursionError:
+            # A body nested just under what decode_view() could follow, read again deeper in the stack (the
+            # adapter's rewrite, prompt affinity): the same refusal as decode_view's, not an internal error.
+            err = BadRequest("request body is nested too deeply")
+            gen.status, err.generation = err.status, gen.id
+            raise err from None
         except BaseException:  # the client left (cancelled, or its connection reset mid-stream)
             gen.cancelled = True
             gen.status = gen.status or 499

@@ -48,6 +48,7 @@ def _nullable(schema: Json) -> Json:
 
 _STR = {"type": "string"}
 _INT = {"type": "integer"}
+_TOKEN_BOUNDS: Json = {"minimum": 0, "maximum": 2**31 - 1}  # proxy/schema.py refuses more: no 500 on a 400-digit cap
 _NUM = {"type": "number"}
 _BOOL = {"type": "boolean"}
 _TIME = {"type": ["string", "null"], "description": "ISO 8601, UTC"}
@@ -219,9 +220,10 @@ def _openai_body(required: str, field: Json, *, stream: bool = True) -> Json:
         **_ROUTING_FIELDS,
         "max_tokens": {
             "type": ["integer", "null"],
+            **_TOKEN_BOUNDS,
             "description": "The completion's cap; with `max_completion_tokens`, it bounds the credit reserved.",
         },
-        "max_completion_tokens": {"type": ["integer", "null"]},
+        "max_completion_tokens": {"type": ["integer", "null"], **_TOKEN_BOUNDS},
     }
     if stream:
         props["stream"] = {**_BOOL, "description": "Answer with server-sent events."}
@@ -260,7 +262,7 @@ _MESSAGES_BODY: Json = {
                 },
             },
         },
-        "max_tokens": {**_INT, "minimum": 1},
+        "max_tokens": {**_INT, "minimum": 1, "maximum": _TOKEN_BOUNDS["maximum"]},
         "stream": _BOOL,
         "system": {"anyOf": [_STR, {"type": "array", "items": _TEXT_BLOCK}, {"type": "null"}]},
         **_ROUTING_FIELDS,

@@ -4,7 +4,9 @@ Two HTTP server engines serve the same routes and lifecycle (proxy/app.py): aioh
 the lean one in proxy/lean_server (`server.engine: lean`), which spends far less CPU per request.
 
 aiohttp has no deadline for reading a request head, so a client trickling header bytes (slowloris) could
-hold a connection forever; `_HeadDeadlineHandler` closes it with a 408 after `header-timeout-s`.
+hold a connection forever; `_HeadDeadlineHandler` closes it with a 408 after `header-timeout-s`. It also
+bounds the whole head as the lean engine does (431), refuses a Transfer-Encoding other than plain `chunked`
+(400, as the lean engine), and applies the connection caps (`ConnectionCaps` in proxy/edge.py).
 """
 
 from __future__ import annotations
@@ -18,47 +20,102 @@ import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 from typing import Any
 
 import msgspec
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import EMPTY_PAYLOAD
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from proxy.app import GATEWAY, build_app, lifecycle, new_gateway, routes
 from proxy.config import Config
-from proxy.edge import REQUEST_ID, Edge, fresh_id, tls_context
-from proxy.errors import GatewayError, RequestTimeout
+from proxy.edge import REQUEST_ID, UNSUPPORTED_TE, ConnectionCaps, Edge, fresh_id, only_chunked, tls_context
+from proxy.errors import BadRequest, GatewayError, HeadersTooLarge, RequestTimeout
 from proxy.handlers import Gateway
 from proxy.insights import access
 from proxy.insights.metrics import multiprocess_dir, worker_exited
+from proxy.lean_server.protocol import MAX_HEAD
 from proxy.lean_server.server import LeanServer
 from proxy.reload import reload_from
 
 log = logging.getLogger("hedgerow")
 
-_HEAD_TIMEOUT_BODY = RequestTimeout("request head not received in time").body()
-_HEAD_TIMEOUT_RESPONSE = b"".join(
-    (
-        b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nConnection: close\r\n",
-        b"Content-Length: %d\r\nX-Request-Id: " % len(_HEAD_TIMEOUT_BODY),
+
+def _answer(err: GatewayError) -> tuple[bytes, bytes]:
+    """A protocol-level error written straight to the transport: its head up to the request id's value, its body."""
+    body = err.body()
+    head = b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\n" % (
+        err.status,
+        HTTPStatus(err.status).phrase.encode(),
     )
-)
+    return head + b"Connection: close\r\nContent-Length: %d\r\nX-Request-Id: " % len(body), body
+
+
+_HEAD_TIMEOUT = _answer(RequestTimeout("request head not received in time"))
+_HEAD_TOO_LARGE = _answer(HeadersTooLarge("request head too large"))
+
+
+class _BadFraming(BadHttpMessage):
+    """A head aiohttp's parser accepts and the gateway refuses (see `only_chunked`)."""
+
+
+class _HeadTooLarge(BadHttpMessage):
+    code = 431
 
 
 class _HeadDeadlineHandler(RequestHandler):
-    """aiohttp's connection handler plus a deadline on each request head, and OpenAI-shaped protocol errors."""
+    """aiohttp's connection handler plus a deadline and a size bound on each request head, the lean engine's
+    rule on Transfer-Encoding, connection caps, and OpenAI-shaped protocol errors."""
 
     head_timeout: float = 10.0
+    caps: ConnectionCaps | None = None
     _head_timer: asyncio.TimerHandle | None = None
+    _head_bytes = 0  # bytes of a head still arriving (aiohttp bounds each header, not the head: 128 × 16 KiB)
+    _peer: str | None = None  # the caps' key for this connection, once admitted
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        caps = self.caps
+        if caps is not None:
+            peer = caps.admit(transport)
+            if peer is None:  # over a cap: answered 503 and ending; never served, never in the server's list
+                self._force_close = True  # data_received drops what still arrives
+                self._manager = None  # connection_lost has nothing to undo
+                return
+            self._peer = peer
+        super().connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
+        queued = len(self._messages)
         super().data_received(data)
+        if len(self._messages) > queued:  # heads parsed: those aiohttp accepts and we do not become errors
+            self._check_heads(queued, self._head_bytes + len(data) > MAX_HEAD)
         if self._messages:  # a head was parsed: the request is under way
+            self._head_bytes = 0
             if self._head_timer is not None:
                 self._head_timer.cancel()
                 self._head_timer = None
-        elif self._head_timer is None and data and self._awaiting_head():
-            self._head_timer = self._loop.call_later(self.head_timeout, self._head_expired)
+        elif data and not self._force_close and self._awaiting_head():  # a head arriving: on the clock, bounded
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD:
+                self._refuse_head(_HEAD_TOO_LARGE)
+            elif self._head_timer is None:
+                self._head_timer = self._loop.call_later(self.head_timeout, self._head_expired)
+
+    def _check_heads(self, start: int, measure: bool) -> None:
+        """Queue an error in place of each new head that frames its body other than by plain `chunked` or a
+        length (request smuggling), or that is over `MAX_HEAD` (only `measure`d when the bytes it came in
+        could hold that much). The error is answered in turn, and the connection closes after it."""
+        messages = self._messages
+        for i in range(start, len(messages)):
+            msg = messages[i][0]
+            if isinstance(msg, RawRequestMessage):
+                if msg.chunked and not only_chunked(msg.headers.getall("Transfer-Encoding", ())):
+                    messages[i] = (_ErrInfo(400, _BadFraming(UNSUPPORTED_TE), UNSUPPORTED_TE), EMPTY_PAYLOAD)
+                elif measure and len(msg.path) + sum(len(k) + len(v) for k, v in msg.raw_headers) > MAX_HEAD:
+                    messages[i] = (_ErrInfo(431, _HeadTooLarge("request head too large"), ""), EMPTY_PAYLOAD)
 
     def _awaiting_head(self) -> bool:
         waiter = self._waiter
@@ -67,9 +124,13 @@ class _HeadDeadlineHandler(RequestHandler):
     def _head_expired(self) -> None:
         self._head_timer = None
         if self.transport is not None and not self._messages and self._awaiting_head():
-            rid = fresh_id().encode()
-            self.transport.write(b"%s%s\r\n\r\n%s" % (_HEAD_TIMEOUT_RESPONSE, rid, _HEAD_TIMEOUT_BODY))
-            self.force_close()
+            self._refuse_head(_HEAD_TIMEOUT)
+
+    def _refuse_head(self, answer: tuple[bytes, bytes]) -> None:
+        if self.transport is not None:
+            head, body = answer
+            self.transport.write(b"%s%s\r\n\r\n%s" % (head, fresh_id().encode(), body))
+        self.force_close()
 
     def no_linger(self) -> None:
         """After a 408 the client stalled: close right after the answer instead of lingering
@@ -80,6 +141,10 @@ class _HeadDeadlineHandler(RequestHandler):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        if self._peer is not None:
+            assert self.caps is not None
+            self.caps.release(self._peer)
+            self._peer = None
         super().connection_lost(exc)
 
     def handle_error(
@@ -91,35 +156,47 @@ class _HeadDeadlineHandler(RequestHandler):
     ) -> web.StreamResponse:
         if request.writer.output_size > 0:
             raise ConnectionError("response already started; cannot send an error")
-        err = GatewayError("malformed HTTP request" if status == 400 else "internal error in the gateway")
-        err.status = status  # type: ignore[misc]
-        if status == 400:
-            err.openai_type = "invalid_request_error"  # type: ignore[misc]
-        resp = web.Response(status=status, body=err.body(), content_type="application/json")
+        err: GatewayError
+        if status == 431 or isinstance(exc, LineTooLong):  # one header over `max_field_size`, or the whole head
+            err = HeadersTooLarge("request head too large")
+        elif isinstance(exc, _BadFraming):
+            err = BadRequest(UNSUPPORTED_TE)
+        else:
+            err = GatewayError("malformed HTTP request" if status == 400 else "internal error in the gateway")
+            err.status = status  # type: ignore[misc]
+            if status == 400:
+                err.openai_type = "invalid_request_error"  # type: ignore[misc]
+        resp = web.Response(status=err.status, body=err.body(), content_type="application/json")
         resp.headers[REQUEST_ID] = fresh_id()  # the request (and its own id) could not be read
+        resp.headers["Connection"] = "close"  # said even in aiohttp's HTTP/1.0 answer to a head it cannot read
         resp.force_close()
         return resp
 
 
 class _GatewayRunner(web.AppRunner):
-    def __init__(self, app: web.Application, head_timeout: float, **kwargs: Any) -> None:
+    def __init__(self, app: web.Application, head_timeout: float, caps: ConnectionCaps, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self._head_timeout = head_timeout
+        self._caps = caps
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
-        # aiohttp offers no hook for the connection handler class; retarget the Server it built.
+        # aiohttp offers no hook for the connection handler class; retarget the Server it built (the protocol
+        # factory the site passes to loop.create_server).
         server.__class__ = _DeadlineServer
         server.head_timeout = self._head_timeout  # type: ignore[attr-defined]
+        server.caps = self._caps  # type: ignore[attr-defined]
         return server
 
 
 class _DeadlineServer(web.Server):
     head_timeout: float = 10.0
+    caps: ConnectionCaps | None = None
 
     def __call__(self) -> RequestHandler:
         handler = _HeadDeadlineHandler(self, loop=self._loop, **self._kwargs)
         handler.head_timeout = self.head_timeout
+        handler.caps = self.caps
         return handler
 
 
@@ -182,6 +259,7 @@ async def _start_aiohttp(cfg: Config, reuse_port: bool) -> _Started:
     runner = _GatewayRunner(
         app,
         s.header_timeout_s,
+        ConnectionCaps.of(s),
         handle_signals=False,
         access_log=None,  # the access log is written off the hot path by accounting, not per line here
         handler_cancellation=True,  # a client that disconnects cancels its handler → its upstream attempt
@@ -208,6 +286,7 @@ async def _start_lean(cfg: Config, reuse_port: bool) -> _Started:
         header_timeout=s.header_timeout_s,
         keepalive_timeout=s.keepalive_timeout_s,
         edge=Edge(s.cors),
+        caps=ConnectionCaps.of(s),
     )
     try:
         tls = tls_context(s.tls) if s.tls is not None else None

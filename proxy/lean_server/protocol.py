@@ -8,9 +8,12 @@ llhttp's callbacks fill a `LeanRequest` (≈8 µs with parsing), the handler run
 `web.Response` is serialised (≈5 µs) and written with one `transport.write`.
 
 The behaviours are aiohttp's, as the gateway configures it:
+- connection caps (`max-connections`, `max-connections-per-ip`): one over a cap is answered 503 at once and
+  ended; nothing it sends is parsed (`ConnectionCaps` in proxy/edge.py);
 - keep-alive with an idle timeout; pipelined requests are queued and answered one at a time, in order;
 - a deadline on each request head (slowloris: 408 and close), a bounded head size (431), malformed HTTP
-  (including Content-Length with Transfer-Encoding: request smuggling) → 400 JSON and close;
+  (including Content-Length with Transfer-Encoding, or a Transfer-Encoding other than plain `chunked`:
+  request smuggling) → 400 JSON and close;
 - a client that disconnects cancels its handler at once (`handler_cancellation`), which cancels the
   request's upstream attempts;
 - a body left unread when the answer goes out (413, 401, …) is read and dropped for a while ("lingering"),
@@ -30,6 +33,7 @@ from aiohttp import web
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.edge import UNSUPPORTED_TE, only_chunked
 from proxy.errors import BadRequest, GatewayError, HeadersTooLarge, RequestTimeout
 from proxy.handlers import error_response, unexpected_error
 from proxy.lean_server.request import LeanRequest
@@ -53,6 +57,7 @@ _METHODS = {m.encode(): m for m in ("GET", "POST", "HEAD", "PUT", "DELETE", "OPT
 _BAD_HTTP = BadRequest("malformed HTTP request")  # answered by `error_bytes`, each with a fresh request id
 _HEAD_TIMEOUT = RequestTimeout("request head not received in time")
 _HEAD_TOO_LARGE = HeadersTooLarge("request head too large")
+_BAD_TE = BadRequest(UNSUPPORTED_TE)
 
 
 class _Stop(Exception):
@@ -80,6 +85,7 @@ class Connection(asyncio.Protocol):
         "_lingering",
         "_max_body",
         "_parser",
+        "_peer",
         "_queue",
         "_read_paused",
         "_reject_with",
@@ -120,17 +126,27 @@ class Connection(asyncio.Protocol):
         self._read_paused = False
         self.write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
+        self._peer: str | None = None  # the connection caps' key, once admitted
 
     # -- transport callbacks --
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport subclasses
+        caps = self._server.caps
+        if caps is not None:
+            self._peer = caps.admit(transport)
+            if self._peer is None:  # over a cap: answered 503 and ending; what still arrives is dropped
+                self._broken = True
+                return
         self._server.connections.add(self)
         self._became_idle()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.transport = None
         self._server.connections.discard(self)
+        if self._peer is not None:
+            self._server.caps.release(self._peer)  # type: ignore[union-attr]
+            self._peer = None
         for timer in (self._head_timer, self._idle_timer, self._linger_timer):
             if timer is not None:
                 timer.cancel()
@@ -203,6 +219,9 @@ class Connection(asyncio.Protocol):
         self._fields.clear()
         length = headers.get("Content-Length")
         chunked = "Transfer-Encoding" in headers  # llhttp accepts only a chunked last coding in requests
+        if chunked and not only_chunked(headers.getall("Transfer-Encoding")):
+            self._reject_with = _BAD_TE  # llhttp takes `gzip, chunked`; we implement no coding but chunked
+            raise _Stop
         upgrade = p.should_upgrade()
         if upgrade and (length is not None or chunked):
             raise _Stop  # llhttp stops at an upgrade and would not parse this body: refuse the request

@@ -10,7 +10,7 @@ from ssl import SSLContext
 from aiohttp import web
 
 from proxy.config import CorsConfig
-from proxy.edge import Edge
+from proxy.edge import ConnectionCaps, Edge
 from proxy.errors import MethodNotAllowed, NotFound
 from proxy.lean_server.protocol import Connection, Handler
 from proxy.lean_server.request import LeanRequest
@@ -38,6 +38,7 @@ class LeanServer:
         "_not_allowed",
         "_routes",
         "_server",
+        "caps",
         "connections",
         "draining",
         "edge",
@@ -55,9 +56,11 @@ class LeanServer:
         header_timeout: float,
         keepalive_timeout: float,
         edge: Edge | None = None,
+        caps: ConnectionCaps | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
         self.edge = edge or Edge(CorsConfig())  # request ids (and CORS) on every answer
+        self.caps = caps  # None: no connection caps
         self.max_body = max_body
         self.header_timeout = header_timeout
         self.keepalive_timeout = keepalive_timeout
