@@ -284,7 +284,7 @@ def _tools(req: Json, out: Json) -> None:
     kind = choice.get("type") if isinstance(choice, dict) else None
     if kind == "tool" and isinstance(choice.get("name"), str):
         mapped: Any = {"type": "function", "function": {"name": choice["name"]}}
-    elif kind in _TOOL_CHOICE:
+    elif isinstance(kind, str) and kind in _TOOL_CHOICE:  # a list or object `type` is unhashable: a 400, not a 500
         mapped = _TOOL_CHOICE[kind]
     else:
         raise BadRequest("tool_choice must be auto, any, tool (with a name) or none", param="tool_choice")

@@ -60,7 +60,8 @@ def event_end(buf: bytes | bytearray, start: int = 0) -> tuple[int, int]:
 
 def last_event_end(buf: bytes | bytearray) -> int:
     """Where the bytes after the last complete event begin (0 when no event is complete)."""
-    return max(buf.rfind(b"\n\n") + 2, buf.rfind(b"\r\n\r\n") + 4, 0)
+    lf, crlf = buf.rfind(b"\n\n"), buf.rfind(b"\r\n\r\n")  # -1 when absent: -1 + 4 would be a false end at 3
+    return max(lf + 2 if lf != -1 else 0, crlf + 4 if crlf != -1 else 0)
 
 
 def data_of(event: bytes) -> bytes:

@@ -328,7 +328,8 @@ async def run_attempt(
             resp = await client.send(target, payload, extra)
             committed = Committed(ep, resp, started)
             if resp.status >= 300:
-                data = await resp.read(max_response_bytes)
+                # An error body may echo the credential sent ("Incorrect API key provided: sk-…"): never relay it.
+                data = target.redact(await resp.read(max_response_bytes))
                 failure = adapter.classify(resp.status, data, resp.headers)
                 if failure is not None:
                     raise failure
@@ -393,6 +394,10 @@ async def run_attempt(
         )
         if err.upstream is None:
             err.upstream = ep.provider
+        if target.secrets:  # a message quoting upstream bytes (an error event, a garbled body) may hold the key
+            message = target.redact_text(err.message)
+            if message != err.message:
+                err.message, err.args = message, (message,)
         retry_after = err.upstream_headers.get("Retry-After") if isinstance(err, UpstreamStatus) else None
         outcome = outcome_of(err)
         monitor.record(ep, outcome, None, clock() - started, retry_after=retry_after)

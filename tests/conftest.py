@@ -13,12 +13,21 @@ import aiohttp
 import msgspec
 import pytest
 import yaml
+from hypothesis import settings
 
 from proxy.accounting.settings import AccountingConfig, StoreConfig
 from proxy.config import Config, parse
 from proxy.server import serve
 from tests.fakes import FakeUpstream
 from tests.redis_server import RedisServer, redis_server
+
+# Hypothesis: reproducible on CI (the same examples every run, none remembered between runs; a failure prints the
+# blob that replays it); locally fewer examples, new ones each run, failures remembered in .hypothesis/. A test's
+# own @settings (e.g. max_examples) still wins for what it sets. HYPOTHESIS_PROFILE=ci replays a CI run locally.
+settings.register_profile("ci", max_examples=200, deadline=None, derandomize=True, database=None, print_blob=True)
+settings.register_profile("dev", max_examples=100, deadline=None, print_blob=True)
+_ON_CI = os.environ.get("CI", "").lower() not in ("", "0", "false")
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if _ON_CI else "dev"))
 
 KEY = "sk-test-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -26,9 +26,10 @@ from adapters.anthropic import AnthropicAdapter, AnthropicTranscoder, openai_err
 from adapters.anthropic_request import DEFAULT_MAX_TOKENS, JSON_TOOL, build_request
 from adapters.base import DONE
 from proxy.config import ProviderConfig
-from proxy.errors import BadRequest, UpstreamStatus
+from proxy.errors import BadRequest, UpstreamError, UpstreamStatus
 from tests.conftest import KEY, gateway_config
 from tests.fakes import FakeUpstream, Script, fixture, sse_events
+from tests.unit.test_request_validation import accepted, chat_bodies, json_like
 
 MODEL = "anthropic/claude-sonnet-4"
 UPSTREAM = "claude-sonnet-4-20250514"
@@ -844,3 +845,53 @@ def test_transcoding_cost_is_measured():
     rate = events * runs / seconds
     print(f"\nanthropic transcoder: {rate:,.0f} events/s ({seconds / runs / events * 1e6:.2f} µs per event)")
     assert rate > 10_000  # a floor far below any real machine: catches an accidental quadratic, not noise
+
+
+# --- properties: any chat body the gateway passes on, any event stream ---
+
+
+@settings(max_examples=100)
+@given(body=chat_bodies)
+def test_any_accepted_chat_body_is_translated_or_refused_with_a_400(body):
+    """Never another exception: that would be a 500 for what is the client's mistake."""
+    if not accepted("chat", body):
+        return
+    try:
+        out = orjson.loads(build_request(body, UPSTREAM))
+    except BadRequest:
+        return
+    assert out["model"] == UPSTREAM and isinstance(out["messages"], list) and out["max_tokens"] > 0
+
+
+_EVENTS = ["message_start", "content_block_start", "content_block_delta", "content_block_stop", "message_delta"]
+_EVENTS += ["message_stop", "ping", "error"]
+_KEYS = ["type", "index", "delta", "content_block", "message", "usage", "text", "partial_json", "thinking", "id"]
+_KEYS += ["signature", "stop_reason", "name", "input", "input_tokens", "output_tokens", "cache_read_input_tokens"]
+_KEYS += ["error", "model", "role", "content"]
+_TYPES = ["text_delta", "input_json_delta", "thinking_delta", "signature_delta", "text", "tool_use", "thinking"]
+_TYPES += ["redacted_thinking", "end_turn", "max_tokens", "tool_use", "overloaded_error", *_EVENTS]
+anthropic_events = st.builds(
+    lambda name, data: b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n",
+    st.sampled_from(_EVENTS),
+    st.builds(dict, st.dictionaries(st.sampled_from(_KEYS), json_like(_KEYS, _TYPES), max_size=4)),
+)
+
+
+@settings(max_examples=100)
+@given(events=st.lists(anthropic_events | st.binary(max_size=8), max_size=8))
+def test_any_event_stream_gives_openai_chunks_or_an_upstream_error(events):
+    tx = AnthropicTranscoder(UPSTREAM)
+    try:
+        out = tx.feed(b"".join(events)) + tx.finish()
+    except UpstreamError:
+        return
+    check_openai_sse(out)
+
+
+def check_openai_sse(out: bytes) -> None:
+    """OpenAI chat chunks (or an error object), then [DONE]."""
+    assert out.endswith(DONE)
+    for event in out.split(b"\n\n")[:-1]:
+        assert event.startswith(b"data: ")
+        if event != DONE.strip():
+            assert isinstance(orjson.loads(event[6:]), dict)

@@ -32,6 +32,7 @@ from adapters.gemini import GeminiTranscoder
 from proxy.attempt import _CONTENT, _ERROR, _NOTHING, classify_messages_event
 from proxy.errors import BadRequest, Unauthorized, Unavailable, UnknownModel, UpstreamTimeout
 from tests.fakes import fixture
+from tests.unit.test_request_validation import accepted, json_like, messages_bodies
 
 
 def anth(name: str) -> bytes:
@@ -500,3 +501,43 @@ def test_every_event_of_the_fixtures_is_judged_as_expected():
         first = verdicts.index(_CONTENT)
         assert verdicts[:first] == [_NOTHING] * first and _ERROR not in verdicts
         assert b"content_block_delta" in anth(name).split(b"\n\n")[first]
+
+
+# --- properties: any Messages body the gateway passes on, any OpenAI stream ---
+
+
+@settings(max_examples=100)
+@given(body=messages_bodies)
+def test_any_accepted_messages_body_is_translated_or_refused_with_a_400(body):
+    """Never another exception: that would be a 500 for what is the client's mistake."""
+    if not accepted("messages", body):
+        return
+    try:
+        out = orjson.loads(to_openai_request(body))
+    except BadRequest:
+        return
+    assert out["model"] == "m" and isinstance(out["messages"], list)
+
+
+# A list or object `type` is unhashable: `kind in _TOOL_CHOICE` raised TypeError, a 500, before the check.
+@pytest.mark.parametrize("kind", [[], {}])
+def test_a_tool_choice_type_that_is_not_a_string_is_a_400(kind):
+    body = {"model": "m", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+    with pytest.raises(BadRequest):
+        to_openai_request(orjson.dumps({**body, "tool_choice": {"type": kind}}))
+
+
+_O_KEYS = ["id", "model", "choices", "index", "delta", "role", "content", "reasoning", "reasoning_content"]
+_O_KEYS += ["refusal", "tool_calls", "function", "name", "arguments", "type", "finish_reason", "usage"]
+_O_KEYS += ["prompt_tokens", "completion_tokens", "prompt_tokens_details", "cached_tokens", "error", "message", "code"]
+_O_WORDS = ["assistant", "stop", "length", "tool_calls", "content_filter", "function", "call_1", "{", "}", '{"a":1}']
+openai_chunks = st.builds(
+    lambda data: b"data: " + orjson.dumps(data) + b"\n\n",
+    st.dictionaries(st.sampled_from(_O_KEYS), json_like(_O_KEYS, _O_WORDS), max_size=4),
+)
+
+
+@settings(max_examples=100)
+@given(events=st.lists(openai_chunks | st.just(b"data: [DONE]\n\n") | st.binary(max_size=8), max_size=8))
+def test_any_openai_stream_gives_a_well_formed_messages_stream(events):
+    check_well_formed(transcode(b"".join(events)))

@@ -46,11 +46,12 @@ from adapters.bedrock import BedrockAdapter, BedrockTranscoder
 from adapters.bedrock_request import build_request
 from health.probes import probe_provider
 from proxy.config import Config, ConfigError, Price, ProviderConfig
-from proxy.errors import BadRequest, UpstreamStatus
+from proxy.errors import BadRequest, UpstreamError, UpstreamStatus
 from proxy.router import Endpoint
 from tests import bedrock_streams as streams
 from tests.conftest import KEY, gateway_config
 from tests.fakes import FakeUpstream, Script, fixture
+from tests.unit.test_request_validation import accepted, chat_bodies, json_like
 
 MODEL = "aws/claude-sonnet-4"
 UPSTREAM = "us.anthropic.claude-sonnet-4-20250514-v1:0"  # a cross-region inference profile: `:` in the path
@@ -1170,3 +1171,56 @@ def test_transcoding_and_signing_cost_is_measured():
     signing = min(timeit.repeat(lambda: a.sign(target, body), number=2000, repeat=3)) / 2000
     print(f"bedrock SigV4 signing: {signing * 1e6:.1f} µs per request ({len(body)} byte body)")
     assert rate > 10_000  # a floor far below any real machine: catches an accidental quadratic, not noise
+
+
+# --- properties: any chat body the gateway passes on, any event stream ---
+
+
+@settings(max_examples=100)
+@given(body=chat_bodies)
+def test_any_accepted_chat_body_is_translated_or_refused_with_a_400(body):
+    """Never another exception: that would be a 500 for what is the client's mistake."""
+    if not accepted("chat", body):
+        return
+    try:
+        out = orjson.loads(build_request(body, UPSTREAM))
+    except BadRequest:
+        return
+    assert isinstance(out["messages"], list)
+
+
+_B_TYPES = ["messageStart", "contentBlockStart", "contentBlockDelta", "contentBlockStop", "messageStop", "metadata"]
+_B_TYPES += ["throttlingException", "validationException", "modelStreamErrorException", "unknownEvent"]
+_B_KEYS = ["role", "contentBlockIndex", "delta", "text", "toolUse", "toolUseId", "name", "input", "start"]
+_B_KEYS += ["stopReason", "usage", "inputTokens", "outputTokens", "totalTokens", "cacheReadInputTokens", "metrics"]
+_B_KEYS += ["latencyMs", "reasoningContent", "signature", "redactedContent", "citation", "message", "p"]
+_B_WORDS = ["assistant", "end_turn", "tool_use", "max_tokens", "stop_sequence", "guardrail_intervened"]
+_B_WORDS += ["content_filtered", "f", "{}", '{"a": 1}']
+
+
+def _any_frame(kind: str, message_type: str, data: dict[str, Any]) -> bytes:
+    headers = {":event-type": kind, ":exception-type": kind, ":content-type": "application/json"}
+    return streams.frame({**headers, ":message-type": message_type}, orjson.dumps(data))
+
+
+any_bedrock_frames = st.builds(
+    _any_frame,
+    st.sampled_from(_B_TYPES),
+    st.sampled_from(["event", "exception", "error"]),
+    st.dictionaries(st.sampled_from(_B_KEYS), json_like(_B_KEYS, _B_WORDS), max_size=4),
+)
+
+
+@settings(max_examples=100)
+@given(frames=st.lists(any_bedrock_frames | st.binary(max_size=12), max_size=8))
+def test_any_event_stream_gives_openai_chunks_or_an_upstream_error(frames):
+    tx = BedrockTranscoder(UPSTREAM)
+    try:
+        out = tx.feed(b"".join(frames)) + tx.finish()
+    except UpstreamError:
+        return
+    assert out.endswith(b"data: [DONE]\n\n")
+    for event in out.split(b"\n\n")[:-1]:
+        assert event.startswith(b"data: ")
+        if event != b"data: [DONE]":
+            assert isinstance(orjson.loads(event[6:]), dict)

@@ -22,9 +22,10 @@ from adapters.gemini import GeminiAdapter, GeminiTranscoder
 from adapters.gemini_request import SKIP_SIGNATURE, schema, translate
 from proxy.attempt import _CONTENT, _NOTHING, classify_event
 from proxy.config import ProviderConfig
-from proxy.errors import BadRequest, UpstreamProtocolError, UpstreamStatus
+from proxy.errors import BadRequest, UpstreamError, UpstreamProtocolError, UpstreamStatus
 from tests.conftest import KEY, gateway_config
 from tests.fakes import FakeUpstream, Script, fixture
+from tests.unit.test_request_validation import accepted, chat_bodies, json_like
 
 # The SDK's own aiohttp session subclass warns on every client; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:Inheritance class AiohttpClientSession:DeprecationWarning")
@@ -1055,3 +1056,46 @@ def test_streams_split_anywhere_transcode_identically(name: str, cuts: list[int]
 
 def test_transcoder_is_the_adapters():
     assert isinstance(adapter().new_transcoder(UPSTREAM_MODEL), GeminiTranscoder)
+
+
+# --- properties: any chat body the gateway passes on, any event stream ---
+
+
+@settings(max_examples=100)
+@given(body=chat_bodies)
+def test_any_accepted_chat_body_is_translated_or_refused_with_a_400(body):
+    """Never another exception: that would be a 500 for what is the client's mistake."""
+    if not accepted("chat", body):
+        return
+    try:
+        out = orjson.loads(translate(body, UPSTREAM_MODEL))
+    except BadRequest:
+        return
+    assert isinstance(out["contents"], list)
+
+
+_G_KEYS = ["candidates", "content", "parts", "text", "thought", "thoughtSignature", "functionCall", "name", "args"]
+_G_KEYS += ["id", "role", "finishReason", "index", "usageMetadata", "promptTokenCount", "candidatesTokenCount"]
+_G_KEYS += ["totalTokenCount", "thoughtsTokenCount", "cachedContentTokenCount", "modelVersion", "responseId"]
+_G_KEYS += ["promptFeedback", "blockReason", "error", "code", "message", "status", "safetyRatings"]
+_G_WORDS = ["model", "STOP", "MAX_TOKENS", "SAFETY", "RECITATION", "MALFORMED_FUNCTION_CALL", "OTHER", "BLOCKLIST"]
+_G_WORDS += ["RESOURCE_EXHAUSTED", "INVALID_ARGUMENT", "f", "{}"]
+any_gemini_events = st.builds(
+    lambda data: b"data: " + orjson.dumps(data) + b"\r\n\r\n",
+    st.dictionaries(st.sampled_from(_G_KEYS), json_like(_G_KEYS, _G_WORDS), max_size=4),
+)
+
+
+@settings(max_examples=100)
+@given(events=st.lists(any_gemini_events | st.binary(max_size=8), max_size=8))
+def test_any_event_stream_gives_openai_chunks_or_an_upstream_error(events):
+    tx = GeminiTranscoder(UPSTREAM_MODEL, "gemini")
+    try:
+        out = tx.feed(b"".join(events)) + tx.finish()
+    except UpstreamError:
+        return
+    assert out.endswith(DONE)
+    for event in out.split(b"\n\n")[:-1]:
+        assert event.startswith(b"data: ")
+        if event != DONE.strip():
+            assert isinstance(orjson.loads(event[6:]), dict)
