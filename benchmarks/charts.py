@@ -7,8 +7,12 @@ there, and a scenario without it just skips its charts.
   evenly spaced, so the tail is as visible as the median) and a log x axis. A series is (quantile, ms) points:
   `quantile_points` makes them from raw samples, `load_points` from a `benchmarks.load` result's percentiles.
 - `streams_charts`: the `streams` scenario's charts (memory vs concurrency, lag CDF per level, backpressure).
+- `overhead_charts`: the `overhead` scenario's non-stream latency CDF (direct, bare, gateway; raw samples).
+- `throughput_charts`: the `throughput` scenario's throughput vs p99 (open-loop sweep; closed loop per
+  concurrency).
 
-Charts can be drawn again from a saved report: `python -m benchmarks.charts REPORT.json` (the `streams` one).
+Charts can be drawn again from a saved report: `python -m benchmarks.charts REPORT.json` (a `streams`,
+`overhead` or `throughput` one).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import math
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 Points = Sequence[tuple[float, float]]  # (quantile in (0, 1], value)
@@ -213,17 +218,107 @@ def streams_backpressure(path: Path, report: Mapping[str, Any]) -> Path:
     return path
 
 
+# -- the overhead scenario ------------------------------------------------------------------------------------
+
+
+def overhead_charts(json_path: Path, report: Mapping[str, Any]) -> dict[str, Path]:
+    """Non-stream latency CDF per target, from the (quantile, ms) points of every round's raw samples."""
+    s = report["settings"]
+    path = latency_cdf(
+        chart_path(json_path, "latency-cdf"),
+        report["cdf_ms"],
+        title=(
+            f"overhead: non-stream latency, open loop {s['rate']:g} req/s, {s['rounds']} round(s) × "
+            f"{s['duration_s']:g} s\n{report['machine']['nproc']} CPUs ({report['machine']['cpu_model']}), "
+            f"Python {report['machine']['python']}"
+        ),
+        xlabel="latency from the due time (ms, log)",
+        styles={"direct": {"linestyle": "--"}},
+    )
+    return {"latency-cdf": path}
+
+
+# -- the throughput scenario ----------------------------------------------------------------------------------
+
+
+def throughput_charts(json_path: Path, report: Mapping[str, Any]) -> dict[str, Path]:
+    return {"throughput-p99": throughput_vs_p99(chart_path(json_path, "throughput-p99"), report)}
+
+
+def throughput_vs_p99(path: Path, report: Mapping[str, Any]) -> Path:
+    """Left: the open-loop sweep, p99 against the offered rate (✗: over the bound). Right: closed loop, p99
+    against the req/s reached, one point per concurrency (median over rounds); unpinned targets dashed."""
+    plt = _pyplot()
+    bound = report["settings"]["p99_bound_ms"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5), layout="constrained")
+    for i, (name, sw) in enumerate(report["sweep"].items()):
+        last: dict[float, Mapping[str, Any]] = {st["rate"]: st for st in sw["steps"]}  # the retry, if any
+        steps = [st for st in last.values() if st["p99"] is not None]
+        left.plot([st["rate"] for st in steps], [st["p99"] for st in steps], "o-", color=f"C{i}", label=name, ms=4)
+        over = [st for st in steps if not st["ok"]]
+        left.plot([st["rate"] for st in over], [st["p99"] for st in over], "x", color=f"C{i}", ms=10, mew=2)
+    left.axhline(bound, color="C3", linestyle=":", linewidth=1)
+    left.annotate(f"p99 bound {bound:g} ms", (0.01, bound), xycoords=("axes fraction", "data"), fontsize=8)
+    _plain_log_y(left)
+    left.set_xlabel("offered rate, open loop (req/s)")
+    left.set_ylabel("latency p99 (ms, log)")
+    left.set_title("open-loop sweep (pinned; ✗: p99 over the bound)")
+    left.grid(True, which="both", alpha=0.3)
+    left.legend(fontsize=8)
+    pinned = set(report["sweep"])
+    for i, (name, rounds) in enumerate(report["closed"].items()):
+        by_c: dict[int, list[tuple[float, float]]] = {}
+        for results in rounds:
+            for r in results:
+                if r["p99"] is not None:
+                    by_c.setdefault(r["concurrency"], []).append((r["rps"], r["p99"]))
+        points = [(median([x for x, _ in v]), median([y for _, y in v])) for _, v in sorted(by_c.items())]
+        style = "o-" if name in pinned else "s--"
+        right.plot([x for x, _ in points], [y for _, y in points], style, color=f"C{i}", label=name, ms=4)
+        for (x, y), c in zip(points, sorted(by_c), strict=True):
+            right.annotate(f"c={c}", (x, y), xytext=(3, 3), textcoords="offset points", fontsize=6, color="0.4")
+    _plain_log_y(right)
+    right.set_xlabel("requests per second reached, closed loop")
+    right.set_ylabel("latency p99 (ms, log)")
+    right.set_title("closed loop per concurrency (dashed: workers, unpinned)")
+    right.grid(True, which="both", alpha=0.3)
+    right.legend(fontsize=7)
+    m = report["machine"]
+    fig.suptitle(f"throughput vs p99 — {m['nproc']} CPUs ({m['cpu_model']}), Python {m['python']}", fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plain_log_y(ax: Any) -> None:
+    """A log y axis labelled 1, 2, 5, 10, 20, 50 … rather than 10⁰, 10¹."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+_CHARTS = {"streams": streams_charts, "overhead": overhead_charts, "throughput": throughput_charts}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     paths = list(sys.argv[1:] if argv is None else argv)
     if not paths:
-        print("usage: python -m benchmarks.charts REPORT.json ...  (a `streams` report, from --json)", file=sys.stderr)
+        print(
+            "usage: python -m benchmarks.charts REPORT.json ...  (a `streams`, `overhead` or `throughput` report, "
+            "from --json)",
+            file=sys.stderr,
+        )
         return 2
     for name in paths:
         report = json.loads(Path(name).read_text())
-        if report.get("scenario") != "streams":
+        draw = _CHARTS.get(report.get("scenario", ""))
+        if draw is None or (report["scenario"] == "overhead" and "cdf_ms" not in report):
             print(f"{name}: no charts for scenario {report.get('scenario')!r}", file=sys.stderr)
             return 1
-        for kind, path in streams_charts(Path(name), report).items():
+        for kind, path in draw(Path(name), report).items():
             print(f"chart ({kind}): {path}")
     return 0
 

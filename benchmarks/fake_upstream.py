@@ -14,10 +14,15 @@ request body is never parsed, so any body will do. The OpenAI format (the defaul
 Fault injection, for the routing scenarios: a share of the POST requests (the generation routes; GETs such as
 `/v1/models`, which health probes and readiness checks use, always succeed) can be slow (`--slow-share`: the
 first byte after `--slow-ms` instead of the TTFT), fail (`--fail-share`: 500 with OpenAI's error body
-`chat_500.json`, at once) or be reset (`--reset-share`: the connection is aborted at once, no answer). One
-draw per request from a seeded RNG (`--seed`), so a run is reproducible given the same arrival order.
-`GET /stats` answers what was served: `{"requests", "slow", "failed", "reset", "gets"}` (requests = POSTs;
-/stats itself is not counted).
+`chat_500.json`, at once) or be reset (`--reset-share`: the connection is aborted at once, no answer). Two
+faults strike after the answer has begun, for the `soak` scenario: `--stall-share` sends the head and the first
+half of the answer (a stream: half its events, the first content ones among them; a whole body: half its
+bytes), then nothing more, until the peer gives up or `--stall-ms` passes (then the connection is aborted);
+`--cut-share` sends the same half and then aborts the connection. One draw per request from a seeded RNG
+(`--seed`), so a run is reproducible given the same arrival order. `GET /stats` answers what was served:
+`{"requests", "slow", "failed", "reset", "stalled", "cut", "mid_stream", "gets"}` (requests = POSTs;
+`mid_stream`: the stalls and cuts that struck a stream, after its first content event; /stats itself is not
+counted).
 
 Stamped streams, for the `streams` scenario (OpenAI format only; off unless asked): with `--stamp-events N`
 a streamed POST answers N generated content events instead of the fixture (N from the body's `"max_tokens"`
@@ -30,8 +35,8 @@ send stays unsent instead of in this process's memory. `/stats` then also has `s
 (bytes handed to the transport), `push_events` and `push_done`.
 
 Run: python -m benchmarks.fake_upstream --port 18001 [--format openai] [--ttft-ms 0] [--ttft-jitter-ms 0]
-     [--chunk-gap-ms 0] [--slow-share 0 --slow-ms 2000] [--fail-share 0] [--reset-share 0] [--seed 1]
-     [--stamp-events N | --push-bytes B]
+     [--chunk-gap-ms 0] [--slow-share 0 --slow-ms 2000] [--fail-share 0] [--reset-share 0]
+     [--stall-share 0 --stall-ms 60000] [--cut-share 0] [--seed 1] [--stamp-events N | --push-bytes B]
 """
 
 from __future__ import annotations
@@ -57,7 +62,8 @@ CHAT_PATH = b"/v1/chat/completions"
 ANTHROPIC_PATH = b"/v1/messages"
 GEMINI_PREFIX = b"/v1beta/models/"
 STATS_PATH = b"/stats"
-_OK, _SLOW, _FAIL, _RESET = 0, 1, 2, 3
+_OK, _SLOW, _FAIL, _RESET, _STALL, _CUT = 0, 1, 2, 3, 4, 5
+_CUT_AFTER_S = 0.05  # a cut waits this long after its half answer, so the peer has read it before the reset
 
 
 _EVENT = re.compile(rb".*?(?:\r\n\r\n|\n\n)", re.DOTALL)
@@ -172,7 +178,8 @@ class Routes:
 
 class Faults:
     """What this upstream has served, and the fault drawn for each POST: one uniform draw per request,
-    [0, fail) fails, [fail, fail + reset) resets, [fail + reset, fail + reset + slow) is slow."""
+    [0, fail) fails, [fail, fail + reset) resets, [fail + reset, fail + reset + slow) is slow, then the next
+    `stall` share stalls and the next `cut` share is cut (both after a half answer)."""
 
     def __init__(
         self,
@@ -183,18 +190,27 @@ class Faults:
         fail_share: float = 0.0,
         reset_share: float = 0.0,
         seed: int = 1,
+        stall_share: float = 0.0,
+        stall_s: float = 60.0,
+        cut_share: float = 0.0,
     ) -> None:
-        if min(slow_share, fail_share, reset_share) < 0 or slow_share + fail_share + reset_share > 1:
+        shares = (slow_share, fail_share, reset_share, stall_share, cut_share)
+        if min(shares) < 0 or sum(shares) > 1:
             raise ValueError("fault shares must be ≥ 0 and add up to at most 1")
         self.ttft_s = ttft_s
         self.jitter_s = jitter_s
         self.slow_s = slow_s
+        self.stall_s = stall_s
         self._fail = fail_share
         self._reset = fail_share + reset_share
         self._slow = fail_share + reset_share + slow_share
-        self.active = self._slow > 0 or jitter_s > 0  # else: no draw at all (the zero-fault path stays cheap)
+        # Stalls and cuts come after the older faults, so a seed draws what it always did for those.
+        self._stall = self._slow + stall_share
+        self._cut = self._stall + cut_share
+        self.active = self._cut > 0 or jitter_s > 0  # else: no draw at all (the zero-fault path stays cheap)
         self._rng = random.Random(seed)
         self.counts = {"requests": 0, "slow": 0, "failed": 0, "reset": 0, "gets": 0}
+        self.counts.update(stalled=0, cut=0, mid_stream=0)
 
     def draw(self) -> tuple[int, float]:
         """(fault, seconds before the first byte) for one POST."""
@@ -209,7 +225,14 @@ class Faults:
         if u < self._slow:
             self.counts["slow"] += 1
             return _SLOW, self.slow_s
-        return _OK, self.ttft_s + (rng.random() * self.jitter_s if self.jitter_s else 0.0)
+        ttft_s = self.ttft_s + (rng.random() * self.jitter_s if self.jitter_s else 0.0)
+        if u < self._stall:
+            self.counts["stalled"] += 1
+            return _STALL, ttft_s
+        if u < self._cut:
+            self.counts["cut"] += 1
+            return _CUT, ttft_s
+        return _OK, ttft_s
 
     def stats(self) -> bytes:
         return _response(json.dumps(self.counts).encode())
@@ -318,6 +341,10 @@ class FakeOpenAI(asyncio.Protocol):
                 if fault == _FAIL:
                     self._send([self._routes.server_error], keep_alive, 0.0)
                     return
+                if fault >= _STALL:
+                    parts = self._post_parts(path)
+                    self._tail = asyncio.ensure_future(self._write_partial(self._tail, parts, ttft_s, fault))
+                    return
         elif method == b"GET" and path == STATS_PATH:
             self._send([faults.stats()], keep_alive, 0.0)
             return
@@ -341,6 +368,43 @@ class FakeOpenAI(asyncio.Protocol):
         else:
             parts = [routes.fixed.get((method, path), routes.not_found)]
         self._send(parts, keep_alive, ttft_s)
+
+    def _post_parts(self, path: bytes) -> list[bytes]:
+        """The answer to a POST, as on_message_complete builds it (repeated here to keep the faults out of that
+        hot path): a stream's head and chunks, or one whole response."""
+        routes = self._routes
+        if routes.path_tail is not None and path.startswith(routes.path_tail[0]):
+            cut = path.rfind(routes.path_tail[1])
+            if cut > len(routes.path_tail[0]):
+                path = path[cut:]
+        if path == routes.stream_path and (not routes.stream_by_body or _wants_stream(b"".join(self._body))):
+            return [routes.stream_head, *routes.stream_chunks]
+        return [routes.fixed.get((b"POST", path), routes.not_found)]
+
+    async def _write_partial(
+        self, previous: asyncio.Task[None] | None, parts: list[bytes], ttft_s: float, fault: int
+    ) -> None:
+        """Half an answer, then a stall (nothing more until the peer leaves, or `--stall-ms`) or a cut; either
+        way the connection ends aborted. A stream gets its first half of events, `--chunk-gap-ms` apart."""
+        if previous is not None:
+            await previous
+        transport = self._transport
+        assert transport is not None
+        if ttft_s:
+            await asyncio.sleep(ttft_s)
+        head, *chunks = parts
+        if chunks:
+            half = chunks[: max(1, (len(chunks) - 1) // 2)]  # of the events; the terminating chunk is never sent
+            transport.write(head + half[0])
+            for chunk in half[1:]:
+                await asyncio.sleep(self._gap_s)
+                transport.write(chunk)
+            self._faults.counts["mid_stream"] += 1
+        else:
+            body_at = head.find(b"\r\n\r\n") + 4
+            transport.write(head[: body_at + (len(head) - body_at) // 2])
+        await asyncio.sleep(self._faults.stall_s if fault == _STALL else _CUT_AFTER_S)
+        transport.abort()
 
     def _send(self, parts: list[bytes], keep_alive: bool, ttft_s: float) -> None:
         if ttft_s or self._gap_s or self._tail is not None:
@@ -463,6 +527,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slow-ms", type=float, default=2000.0, help="first-byte delay of a slow POST")
     parser.add_argument("--fail-share", type=float, default=0.0, help="share of POSTs answered 500 at once")
     parser.add_argument("--reset-share", type=float, default=0.0, help="share of POSTs whose connection is aborted")
+    parser.add_argument(
+        "--stall-share", type=float, default=0.0, help="share of POSTs answered halfway, then nothing (a stall)"
+    )
+    parser.add_argument(
+        "--stall-ms", type=float, default=60000.0, help="a stall aborts the connection after this, if the peer has not"
+    )
+    parser.add_argument(
+        "--cut-share", type=float, default=0.0, help="share of POSTs answered halfway, then the connection aborted"
+    )
     parser.add_argument("--seed", type=int, default=1, help="seed of the fault draws")
     parser.add_argument(
         "--stamp-events",
@@ -483,6 +556,8 @@ def main(argv: list[str] | None = None) -> None:
     stamping = args.stamp_events or args.push_bytes
     if args.stamp_events < 0 or args.push_bytes < 0 or (stamping and args.format != "openai"):
         parser.error("--stamp-events and --push-bytes must be ≥ 0, and serve the openai format only")
+    if stamping and (args.stall_share or args.cut_share):
+        parser.error("--stall-share and --cut-share answer the fixtures, not stamped streams")
     try:
         faults = Faults(
             ttft_s=args.ttft_ms / 1000,
@@ -492,6 +567,9 @@ def main(argv: list[str] | None = None) -> None:
             fail_share=args.fail_share,
             reset_share=args.reset_share,
             seed=args.seed,
+            stall_share=args.stall_share,
+            stall_s=args.stall_ms / 1000,
+            cut_share=args.cut_share,
         )
     except ValueError as e:
         parser.error(str(e))

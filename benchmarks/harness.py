@@ -114,14 +114,17 @@ def get_json(port: int, path: str, key: str | None = None, timeout_s: float = 2.
 
 
 class Service:
-    """A server process `sys.executable <args>`, run from the repo root with output to `log_dir/<name>.log`."""
+    """A server process `sys.executable <args>` (or `exe <args>`: another program, e.g. nginx), run from the
+    repo root with output to `log_dir/<name>.log`."""
 
-    def __init__(self, name: str, args: list[str], cpus: frozenset[int] | None, log_dir: Path) -> None:
+    def __init__(
+        self, name: str, args: list[str], cpus: frozenset[int] | None, log_dir: Path, exe: str | None = None
+    ) -> None:
         self.name = name
         self._log_path = log_dir / f"{name}.log"
         self._log: IO[bytes] = self._log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, *args],
+            [exe or sys.executable, *args],
             cwd=ROOT,
             env=child_env(),
             stdin=subprocess.DEVNULL,
@@ -161,6 +164,22 @@ class Service:
                 system += int(fields[12])  # field 15: stime
         return user / CLK_TCK, system / CLK_TCK
 
+    def cpu_by_pid(self) -> dict[int, float]:
+        """User + system CPU seconds of each live process in this service's session (a supervisor and the
+        workers it forked: how the work was spread over them)."""
+        out: dict[int, float] = {}
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rfind(")") + 2 :].split()
+            if int(fields[3]) == self.proc.pid:  # field 6: session id
+                out[int(entry.name)] = (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+        return out
+
     def log_tail(self, lines: int = 25) -> str:
         self._log.flush()
         return "\n".join(self._log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -195,11 +214,14 @@ def cpu_ticks(cpus: frozenset[int]) -> tuple[int, int]:
     return busy, total
 
 
-def run_load(args: list[str], cpus: frozenset[int] | None, timeout_s: float) -> dict[str, Any]:
-    """One `python -m benchmarks.load` run in a fresh, pinned process; its JSON result."""
+def run_load(
+    args: list[str], cpus: frozenset[int] | None, timeout_s: float, module: str = "benchmarks.load"
+) -> dict[str, Any]:
+    """One `python -m benchmarks.load` run in a fresh, pinned process; its JSON result. `module`: another
+    entry point that runs load.py's code (e.g. `benchmarks.throughput load`, which adds request headers)."""
     try:
         out = subprocess.run(
-            [sys.executable, "-m", "benchmarks.load", *args],
+            [sys.executable, "-m", *module.split(), *args],
             cwd=ROOT,
             env=child_env(),
             capture_output=True,
@@ -232,6 +254,18 @@ def run_load_sampled(
                 continue
     samples.append((time.monotonic(), sample()))
     return result, samples
+
+
+def listeners(port: int) -> int:
+    """How many sockets listen on this TCP port (IPv4), from /proc/net/tcp: with SO_REUSEPORT, one per
+    worker, so a gateway started with `--workers N` is all there once this is N."""
+    suffix = f":{port:04X}"
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1].endswith(suffix) and fields[3] == "0A":  # local address, state LISTEN
+            count += 1
+    return count
 
 
 def machine() -> dict[str, Any]:

@@ -99,13 +99,14 @@ def run(opts: Options) -> int:
     )
     own_cpus = os.sched_getaffinity(0)
     services: list[Service] = []
+    raw: dict[str, list[int]] | None = {} if opts.json_path is not None else None  # non-stream latencies, ns
     try:
         if plan.load is not None:
             os.sched_setaffinity(0, plan.load)  # keep the orchestrator off the proxy's core too
         with tempfile.TemporaryDirectory(prefix="hedgerow-bench-") as tmp:
             try:
                 targets, gateway_error = _start(Path(tmp), plan, services)
-                runs = run_rounds(targets, plan, rounds, opts.rate, duration, warmup)
+                runs = run_rounds(targets, plan, rounds, opts.rate, duration, warmup, raw=raw)
             finally:
                 for service in reversed(services):
                     service.stop()
@@ -132,6 +133,7 @@ def run(opts: Options) -> int:
             "checks": checks,
             "runs": runs,
         }
+        report["charts"] = _latency_cdf(opts.json_path, report, raw or {})
         opts.json_path.write_text(json.dumps(report, indent=2) + "\n")
     # --quick is a smoke run, too short for stable timings: only correctness decides its exit status.
     enforced = [c for c in checks if not opts.quick or c["kind"] == "correctness"]
@@ -190,12 +192,27 @@ def _load_args(test: str, target: Target, rate: float, duration: float) -> list[
 
 
 def _measure(
-    test: str, target: Target, upstream: Service, plan: CpuPlan, rate: float, duration: float
+    test: str,
+    target: Target,
+    upstream: Service,
+    plan: CpuPlan,
+    rate: float,
+    duration: float,
+    raw: dict[str, list[int]] | None = None,
 ) -> dict[str, Any]:
     is_proxy = target.service is not upstream
     before = (target.service.cpu_seconds(), upstream.cpu_seconds())
     core_before = cpu_ticks(plan.proxy) if plan.proxy is not None else None
-    result = run_load(_load_args(test, target, rate, duration), plan.load, timeout_s=duration + 60)
+    args = _load_args(test, target, rate, duration)
+    if raw is not None and test == "nonstream":
+        # The same load.py run, through benchmarks.stats, which also hands back every sample (for the CDF).
+        from benchmarks.stats import run_load_raw
+
+        result = run_load_raw(args, plan.load, timeout_s=duration + 60)
+        raw.setdefault(target.name, []).extend(result.pop("latency_ns"))
+        del result["ttfb_ns"]
+    else:
+        result = run_load(args, plan.load, timeout_s=duration + 60)
     proxy_cpu_s = target.service.cpu_seconds() - before[0] if is_proxy else 0.0
     if core_before is not None:
         # The machine is shared: whatever else ran on the proxy's core meanwhile is noise in these figures.
@@ -219,9 +236,11 @@ def run_rounds(
     duration: float,
     warmup: float,
     warmups: dict[str, list[dict[str, Any]]] | None = None,
+    raw: dict[str, list[int]] | None = None,
 ) -> Runs:
     """Every test against every target, `rounds` times, the order rotating; targets[0] is the upstream
-    (`direct`). The warm-up runs are not in the result; pass `warmups` to get them (target → results)."""
+    (`direct`). The warm-up runs are not in the result; pass `warmups` to get them (target → results), and
+    `raw` to get every non-stream latency sample (target → ns, all rounds)."""
     upstream = targets[0].service
     for target in targets:  # warm connection pools and first-call paths; not recorded
         for test in ("closed", "stream"):
@@ -233,7 +252,7 @@ def run_rounds(
         order = targets[r % len(targets) :] + targets[: r % len(targets)]
         for test in TESTS:
             for target in order:
-                result = _measure(test, target, upstream, plan, rate, duration)
+                result = _measure(test, target, upstream, plan, rate, duration, raw)
                 runs[target.name][test].append(result)
                 print(
                     f"  round {r + 1}/{rounds} {test:<9} {target.name:<7} {_brief(result)}", file=sys.stderr, flush=True
@@ -250,6 +269,22 @@ def vs_baseline(runs: Runs, name: str, baseline: str, test: str, field: str, add
             continue
         out.append((x[field] - floor) / (base[field] - floor))
     return out
+
+
+def _latency_cdf(json_path: Path, report: dict[str, Any], raw: dict[str, list[int]]) -> dict[str, str]:
+    """Into the report, the non-stream latency CDF of each target (`cdf_ms`: quantile, ms points of its raw
+    samples, every round); its PNG beside the JSON report (`python -m benchmarks.charts REPORT.json` draws
+    it again)."""
+    from benchmarks import charts
+
+    report["cdf_ms"] = {name: charts.quantile_points([ns / 1e6 for ns in ns_list]) for name, ns_list in raw.items()}
+    if not charts.available():
+        print("charts: skipped, matplotlib is not installed (pip install -e '.[bench]')")
+        return {}
+    paths = charts.overhead_charts(json_path, report)
+    for name, path in paths.items():
+        print(f"chart ({name}): {path}")
+    return {name: str(path) for name, path in paths.items()}
 
 
 def cpu_us_per_request(r: dict[str, Any]) -> float | None:

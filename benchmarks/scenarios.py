@@ -6,7 +6,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks import accounting, failover, hedging, insights, overhead, routing, stats, streams, transcoding
+from benchmarks import (
+    accounting,
+    failover,
+    hedging,
+    insights,
+    overhead,
+    routing,
+    soak,
+    stats,
+    streams,
+    throughput,
+    transcoding,
+)
 
 
 @dataclass(frozen=True)
@@ -99,5 +111,23 @@ SCENARIOS: dict[str, Scenario] = {
             "next to --json (default: ~5.5 min; --quick: 100 and 1,000, ~1 min)"
         ),
         run=streams.run,
+    ),
+    "soak": Scenario(
+        summary=(
+            "minutes of mixed streamed and non-streamed load on one gateway while three providers inject\n"
+            "faults (500s, resets, slow, stalls and cuts mid-answer): RSS and fds stable, nothing hung,\n"
+            "one ledger record per request, client errors as the faults predict (default: 80 req/s,\n"
+            "10 min after a 15 s warm-up; --quick: 45 s, ~1 min)"
+        ),
+        run=soak.run,
+    ),
+    "throughput": Scenario(
+        summary=(
+            "the most requests per second: closed-loop max req/s (best of c=16/32/64) of the gateway on\n"
+            "each engine vs direct, the bare aiohttp proxy and nginx / LiteLLM / Portkey when present;\n"
+            "--workers 2 vs 1 (unpinned; CPU per request); the highest open-loop rate with p99 ≤ 10 ms;\n"
+            "PNG chart next to --json (default: 3 rounds × 3 s runs, sweep steps of 500 req/s; ~8 min)"
+        ),
+        run=throughput.run,
     ),
 }
