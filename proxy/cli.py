@@ -16,6 +16,19 @@ from proxy.errors import GatewayError
 from proxy.store import Store, StoreError, open_store
 
 
+def _workers(text: str) -> int | str:
+    """`--workers`: a count from 1 to 256, or `auto`."""
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor auto") from None
+    if not 1 <= n <= 256:
+        raise argparse.ArgumentTypeError(f"{n} is not between 1 and 256")
+    return n
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hedgerow",
@@ -35,7 +48,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--config", metavar="FILE", help="YAML or TOML config (default: the embedded demo config)")
     s.add_argument("--host", help="listen address (overrides server.host)")
     s.add_argument("--port", type=int, help="listen port (overrides server.port)")
-    s.add_argument("--workers", type=int, metavar="N", help="worker processes sharing the port (SO_REUSEPORT)")
+    s.add_argument(
+        "--workers",
+        type=_workers,
+        metavar="N|auto",
+        help="worker processes sharing the port (SO_REUSEPORT); auto (the default): one per CPU this process "
+        "may use (affinity and cgroup quota)",
+    )
     s.add_argument("--engine", choices=["aiohttp", "lean"], help="HTTP server engine (overrides server.engine)")
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 

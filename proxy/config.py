@@ -151,7 +151,7 @@ class TlsConfig(Base):
 class ServerConfig(Base):
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
-    workers: Annotated[int, msgspec.Meta(ge=1, le=256)] = 1
+    workers: Annotated[int, msgspec.Meta(ge=1, le=256)] | Literal["auto"] = "auto"  # auto: one per usable CPU
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 16 * 1024 * 1024  # images inline as base64
     header_timeout_s: PositiveFloat = 10.0  # slowloris guard: whole request head must arrive in this time
     body_timeout_s: PositiveFloat = 30.0  # whole request body must arrive in this time

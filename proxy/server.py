@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -32,6 +33,7 @@ from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from proxy.app import GATEWAY, build_app, lifecycle, new_gateway, routes
 from proxy.config import Config
+from proxy.cpus import usable_cpus
 from proxy.edge import REQUEST_ID, UNSUPPORTED_TE, ConnectionCaps, Edge, fresh_id, only_chunked, tls_context
 from proxy.errors import BadRequest, GatewayError, HeadersTooLarge, RequestTimeout
 from proxy.handlers import Gateway
@@ -304,15 +306,32 @@ async def _start_lean(cfg: Config, reuse_port: bool) -> _Started:
     return gw, port, finish
 
 
-def _worker(cfg: Config, reuse_port: bool, reload: Callable[[], Config] | None) -> None:
+def _worker(cfg: Config, reuse_port: bool, reload: Callable[[], Config] | None, supervisor: int | None = None) -> None:
     # Until serve() installs the loop's handlers there is nothing to drain: a SIGTERM that early (a fast
     # restart) is a clean exit, not a death by signal. A SIGHUP that early is ignored (there is nothing to
     # reload yet), not a death either.
     signal.signal(signal.SIGTERM, _exit_now)
     signal.signal(signal.SIGINT, _exit_now)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if supervisor is not None:  # a forked worker
+        _drain_when_orphaned(supervisor)
     install_uvloop()
     asyncio.run(serve(cfg, reuse_port=reuse_port, reload=reload))
+
+
+def _drain_when_orphaned(supervisor: int) -> None:
+    """Linux: SIGTERM this worker (a drain) when its supervisor dies, even by SIGKILL, so no worker goes on
+    serving the port unsupervised. The supervisor may have died before this was set: then stop at once."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: a supervisor killed hard leaves its workers serving
+        return
+    if os.getppid() != supervisor:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def _exit_now(_signum: int, _frame: Any) -> None:
@@ -322,7 +341,7 @@ def _exit_now(_signum: int, _frame: Any) -> None:
 def run(cfg: Config, reload: Callable[[], Config] | None = None) -> int:
     """Run in this process (one worker) or supervise N forked workers sharing the port. `reload`: how to load
     the config again on SIGHUP (each worker reloads by itself; the supervisor passes the signal on)."""
-    workers = cfg.server.workers
+    workers = usable_cpus() if cfg.server.workers == "auto" else cfg.server.workers
     if workers == 1:
         _worker(cfg, False, reload)
         return 0
@@ -339,7 +358,10 @@ def run(cfg: Config, reload: Callable[[], Config] | None = None) -> int:
     if cfg.server.metrics:
         multiprocess_dir()  # before the fork: where every worker writes its metrics, so one scrape sees all
     ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_worker, args=(cfg, True, reload), name=f"hedgerow-worker-{i}") for i in range(workers)]
+    procs = [
+        ctx.Process(target=_worker, args=(cfg, True, reload, os.getpid()), name=f"hedgerow-worker-{i}")
+        for i in range(workers)
+    ]
     for p in procs:
         p.start()
     holder.close()

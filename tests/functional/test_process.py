@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -14,6 +15,8 @@ import openai
 import pytest
 import yaml
 
+from proxy.config import Config
+from proxy.cpus import usable_cpus
 from tests.conftest import AUTH, KEY
 from tests.fakes import Script, fixture, sse_events
 
@@ -23,7 +26,10 @@ ENGINES = pytest.mark.parametrize("engine", ["aiohttp", "lean"])  # `hedgerow se
 
 async def _spawn(*args: str, env: dict[str, str] | None = None) -> tuple[asyncio.subprocess.Process, int]:
     """Start `python -m proxy …` and wait for its "listening on" line; return the process and its port.
-    It runs in a fresh directory, where a config without a store path puts its SQLite ledger."""
+    It runs in a fresh directory, where a config without a store path puts its SQLite ledger. `serve` runs one
+    process unless the test asks for more: the default (one worker per CPU) varies with the machine."""
+    if args[:1] == ("serve",) and "--workers" not in args:
+        args = (*args, "--workers", "1")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -177,3 +183,47 @@ async def test_workers_share_the_port_and_all_drain(fake_upstream, http, tmp_pat
 def _children(pid: int) -> list[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+async def test_workers_auto_starts_one_per_usable_cpu_and_the_config_default_is_auto(fake_upstream, http, tmp_path):
+    assert Config().server.workers == "auto"
+    n = usable_cpus()
+    proc, port = await _spawn("serve", "--config", _config_file(tmp_path, fake_upstream.base_url), "--workers", "auto")
+    try:
+        async with asyncio.timeout(20):
+            while len(_children(proc.pid)) < (n if n > 1 else 0):
+                await asyncio.sleep(0.05)
+            async with http.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT, headers=AUTH) as r:
+                assert r.status == 200
+        assert len(_children(proc.pid)) == (n if n > 1 else 0)  # one worker: it serves in the process itself
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+
+
+async def test_workers_stop_when_their_supervisor_is_killed(fake_upstream, tmp_path):
+    proc, _ = await _spawn("serve", "--config", _config_file(tmp_path, fake_upstream.base_url), "--workers", "2")
+    async with asyncio.timeout(20):
+        while len(_children(proc.pid)) < 2:
+            await asyncio.sleep(0.05)
+    workers = _children(proc.pid)
+    proc.kill()  # SIGKILL: the supervisor cannot pass anything on
+    try:  # not `proc.wait()`: workers that outlive it hold its output pipes open, and that wait would hang
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(15):  # the kernel sends each worker SIGTERM: a drain, nothing in flight
+                while any(_running(pid) for pid in workers):
+                    await asyncio.sleep(0.05)
+        assert [pid for pid in workers if _running(pid)] == []
+    finally:
+        for pid in workers:  # a failure must not leave workers serving
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie waiting for its (new) parent to reap it."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
