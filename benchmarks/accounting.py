@@ -31,7 +31,6 @@ import socket
 import sqlite3
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,7 +41,6 @@ from benchmarks.kit import (
     GATEWAY_KEY,
     MODEL,
     UPSTREAM_MODEL,
-    GatewayDown,
     banner,
     check,
     exit_status,
@@ -52,6 +50,7 @@ from benchmarks.kit import (
     progress,
     start_gateway,
     start_upstream,
+    startup_failed,
     table,
     verdicts,
     write_report,
@@ -219,12 +218,8 @@ def run(opts: Options) -> int:
                     service.stop()
                 for redis in redises:
                     redis.stop()
-    except GatewayDown as e:
-        print(f"error: gateway did not start:\n{e}", file=sys.stderr)
-        return 1
     except ServiceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return startup_failed(e)
 
     summary = _summarize(runs, warmups, probes, ledgers)
     checks = _checks(summary, names)

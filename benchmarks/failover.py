@@ -15,7 +15,6 @@ its first ejection, while ejected, and while back in rotation.
 from __future__ import annotations
 
 import itertools
-import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +23,6 @@ from benchmarks.harness import CpuPlan, ServiceError, cpu_plan, free_ports, run_
 from benchmarks.kit import (
     ATTEMPTS_HEADER,
     PROVIDER_HEADER,
-    GatewayDown,
     Upstream,
     banner,
     check,
@@ -39,6 +37,7 @@ from benchmarks.kit import (
     progress,
     start_gateway,
     start_upstream,
+    startup_failed,
     stats_delta,
     table,
     verdicts,
@@ -104,12 +103,8 @@ def run(opts: Options) -> int:
             finally:
                 for u in upstreams:
                     u.service.stop()
-    except GatewayDown as e:
-        print(f"error: gateway did not start:\n{e}", file=sys.stderr)
-        return 1
     except ServiceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return startup_failed(e)
 
     summary = {t: _summarize(rs) for t, rs in runs.items()}
     checks = _checks(summary)

@@ -16,7 +16,6 @@ Extra upstream requests = POSTs the upstreams served (their `GET /stats`) over c
 from __future__ import annotations
 
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +25,6 @@ from benchmarks.kit import (
     ATTEMPTS_HEADER,
     HEDGED_HEADER,
     PROVIDER_HEADER,
-    GatewayDown,
     Upstream,
     banner,
     check,
@@ -42,6 +40,7 @@ from benchmarks.kit import (
     ratio,
     start_gateway,
     start_upstream,
+    startup_failed,
     stats_delta,
     table,
     verdicts,
@@ -121,12 +120,8 @@ def run(opts: Options) -> int:
             finally:
                 for u in upstreams:
                     u.service.stop()
-    except GatewayDown as e:
-        print(f"error: gateway did not start:\n{e}", file=sys.stderr)
-        return 1
     except ServiceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return startup_failed(e)
 
     summary = {t: _summarize(rs) for t, rs in runs.items()}
     checks = _checks(summary)

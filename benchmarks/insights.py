@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import tempfile
 import time
 import urllib.request
@@ -35,7 +34,6 @@ from benchmarks.kit import (
     GATEWAY_KEY,
     MODEL,
     UPSTREAM_MODEL,
-    GatewayDown,
     banner,
     check,
     exit_status,
@@ -44,6 +42,7 @@ from benchmarks.kit import (
     progress,
     start_gateway,
     start_upstream,
+    startup_failed,
     table,
     verdicts,
     write_report,
@@ -129,12 +128,8 @@ def run(opts: Options) -> int:
             finally:
                 for service in reversed(services):
                     service.stop()
-    except GatewayDown as e:
-        print(f"error: gateway did not start:\n{e}", file=sys.stderr)
-        return 1
     except ServiceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return startup_failed(e)
 
     summary = _summarize(runs, warmups, observed)
     checks = _checks(summary)

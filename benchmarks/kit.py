@@ -168,6 +168,16 @@ def gateway_cpu(plan: CpuPlan, gateway: Service) -> Iterator[dict[str, float | N
         out["other_load_pct"] = round(100 * max(0.0, busy - cpu_s * CLK_TCK) / total, 1) if total else None
 
 
+def startup_failed(e: ServiceError) -> int:
+    """A scenario's exit status when a process it needs did not start: 1 for the gateway (what is measured),
+    2 for anything else (an upstream, the bare proxy, the load generator), with the reason on stderr."""
+    if isinstance(e, GatewayDown):
+        print(f"error: gateway did not start:\n{e}", file=sys.stderr)
+        return 1
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
 def banner(name: str, settings: str, plan: CpuPlan) -> dict[str, Any]:
     host = machine()
     print(

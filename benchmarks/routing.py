@@ -26,7 +26,6 @@ import asyncio
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 import timeit
@@ -41,7 +40,6 @@ from benchmarks.kit import (
     MODEL,
     PROVIDER_HEADER,
     UPSTREAM_MODEL,
-    GatewayDown,
     Upstream,
     banner,
     check,
@@ -54,6 +52,7 @@ from benchmarks.kit import (
     progress,
     start_gateway,
     start_upstream,
+    startup_failed,
     table,
     verdicts,
     write_report,
@@ -114,12 +113,8 @@ def run(opts: Options) -> int:
             finally:
                 for service in reversed(services):
                     service.stop()
-    except GatewayDown as e:
-        print(f"error: gateway did not start:\n{e}", file=sys.stderr)
-        return 1
     except ServiceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return startup_failed(e)
     progress("micro-benchmark: Router.plan + Monitor.record, in process")
     micro = _micro(plan, number, repeat)
 

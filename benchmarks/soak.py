@@ -39,7 +39,6 @@ import math
 import os
 import re
 import sqlite3
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -53,7 +52,6 @@ from benchmarks.kit import (
     MODEL,
     STREAM_FIXTURE,
     UPSTREAM_MODEL,
-    GatewayDown,
     Upstream,
     banner,
     check,
@@ -65,6 +63,7 @@ from benchmarks.kit import (
     progress,
     start_gateway,
     start_upstream,
+    startup_failed,
     stats_delta,
     table,
     verdicts,
@@ -150,12 +149,8 @@ def run(opts: Options) -> int:
                     gateway.stop()
                 for u in upstreams:
                     u.service.stop()
-    except GatewayDown as e:
-        print(f"error: gateway did not start:\n{e}", file=sys.stderr)
-        return 1
     except ServiceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return startup_failed(e)
 
     summary = _summarize(data)
     checks = _checks(summary)

@@ -57,7 +57,6 @@ from benchmarks.harness import ROOT, CpuPlan, Service, ServiceError, child_env, 
 from benchmarks.kit import (
     GATEWAY_KEY,
     MODEL,
-    GatewayDown,
     Upstream,
     banner,
     check,
@@ -70,6 +69,7 @@ from benchmarks.kit import (
     progress,
     ratio,
     start_gateway,
+    startup_failed,
     table,
     verdicts,
     write_report,
@@ -330,12 +330,8 @@ def run(opts: Options) -> int:
                 result = _one(plan, Path(tmp), fixtures, rate, duration, SEED + r)
                 runs.append(result)
                 progress(f"run {r + 1}/{rounds}: {_brief(result)}")
-    except GatewayDown as e:
-        print(f"error: gateway did not start:\n{e}", file=sys.stderr)
-        return 1
     except ServiceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return startup_failed(e)
 
     checks: list[dict[str, Any]] = []
     for i, result in enumerate(runs):

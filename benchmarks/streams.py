@@ -56,7 +56,6 @@ from benchmarks.kit import (
     GATEWAY_KEY,
     MODEL,
     UPSTREAM_MODEL,
-    GatewayDown,
     Upstream,
     banner,
     check,
@@ -67,6 +66,7 @@ from benchmarks.kit import (
     progress,
     start_gateway,
     start_upstream,
+    startup_failed,
     table,
     verdicts,
 )
@@ -970,12 +970,8 @@ def run(opts: Options) -> int:
                 upstream.service.stop()
             progress("backpressure: a client that stops reading")
             bp = backpressure(plan, log_dir, engine, pause_s)
-    except GatewayDown as e:
-        print(f"error: gateway did not start:\n{e}", file=sys.stderr)
-        return 1
     except ServiceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return startup_failed(e)
     wall_s = round(time.monotonic() - t_start, 1)
 
     checks = _checks(levels, bp, opts.quick)

@@ -64,6 +64,7 @@ from benchmarks.kit import (
     fmt,
     orchestrator_on,
     progress,
+    startup_failed,
     table,
     verdicts,
 )
@@ -200,12 +201,8 @@ def run(opts: Options) -> int:
             finally:
                 for service in reversed(services):
                     service.stop()
-    except GatewayDown as e:
-        print(f"error: gateway did not start:\n{e}", file=sys.stderr)
-        return 1
     except ServiceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return startup_failed(e)
 
     pinned = [t.name for t in setup.pinned]
     scaling = [t.name for t in setup.scaling]

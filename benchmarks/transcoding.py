@@ -28,7 +28,6 @@ from __future__ import annotations
 import os
 import re
 import statistics
-import sys
 import tempfile
 import timeit
 from collections.abc import Callable
@@ -47,7 +46,6 @@ from benchmarks.kit import (
     CHAT_PATH,
     GATEWAY_KEY,
     MODEL,
-    GatewayDown,
     banner,
     check,
     exit_status,
@@ -58,6 +56,7 @@ from benchmarks.kit import (
     progress,
     start_gateway,
     start_upstream,
+    startup_failed,
     table,
     verdicts,
     write_report,
@@ -239,12 +238,8 @@ def run(opts: Options) -> int:
     try:
         with orchestrator_on(plan), tempfile.TemporaryDirectory(prefix="hedgerow-bench-") as tmp:
             _gateway_rounds(Path(tmp), plan, rounds, rate, duration, warmup, runs)
-    except GatewayDown as e:
-        print(f"error: gateway did not start:\n{e}", file=sys.stderr)
-        status = 1
     except ServiceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        status = 2
+        status = startup_failed(e)
     summary = _summarize(runs) if status == 0 else {}
     if status == 0:
         print(_gateway_table(summary))
