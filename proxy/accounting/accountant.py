@@ -213,12 +213,15 @@ class Accountant:
             return
         await self.rates.sync()
         await self.credits.settle(final=True)
-        for _ in range(_STOP_FLUSH_TRIES):
+        failed = 0
+        while self.ledger:  # a flush writes what was queued when it began: go on until nothing is left
             if await self.ledger.flush():
+                continue
+            failed += 1
+            if failed >= _STOP_FLUSH_TRIES:
+                log.error("ledger store unreachable at stop: %d records not written", len(self.ledger))
                 break
             await asyncio.sleep(1.0)
-        else:
-            log.error("ledger store unreachable at stop: %d records not written", len(self.ledger))
         with contextlib.suppress(StoreError):
             await self.store.close()
 

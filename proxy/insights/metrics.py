@@ -25,6 +25,7 @@ import os
 import shutil
 import tempfile
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -197,44 +198,67 @@ class Metrics:
 
     def __call__(self, gens: Sequence[Generation]) -> None:
         self._refresh_table()
-        requests: dict[tuple[str, str], int] = {}
-        tokens: dict[tuple[str, str, str], int] = {}
+        # First by what the generations share (model asked for, provider, status, cancelled): one dict lookup
+        # each; then each group's label values once, its sums and observations added to their series.
+        groups: dict[tuple[str, str, int, bool], _Group] = {}
         attempts: dict[tuple[str, str], int] = {}
-        cost: dict[tuple[str, str], float] = {}
         hedges: dict[str, int] = {}
-        child = self._child
+        overheads: list[float] = []
         for g in gens:
-            model, prov, status = self._model_label(g.model), g.provider, g.status
-            key = (model, _STATUS_CLASS.get(status // 100, _OTHER))
-            requests[key] = requests.get(key, 0) + 1
+            key = (g.model, g.provider, g.status, g.cancelled)
+            grp = groups.get(key)
+            if grp is None:
+                grp = groups[key] = _Group()
             latency = g.ended - g.started
-            error = "cancelled" if g.cancelled else (str(status) if status >= 400 else "")
-            child(self.duration, (model, prov, error)).observe(latency)
+            grp.latencies.append(latency)
             u, ttft = g.usage, g.ttft
-            if g.streamed and ttft is not None and not error:
-                child(self.ttft, (model, prov)).observe(ttft)
-                if u is not None and u.completion_tokens > 1:
-                    child(self.tpot, (model, prov)).observe((latency - ttft) / (u.completion_tokens - 1))
             if u is not None:
-                for kind, n in (
-                    ("input", u.prompt_tokens),
-                    ("output", u.completion_tokens),
-                    ("cached", u.cached_tokens),
-                    ("reasoning", u.reasoning_tokens),
-                ):
-                    if n:
-                        tk = (model, prov, kind)
-                        tokens[tk] = tokens.get(tk, 0) + n
-            if g.cost is not None and g.cost.upstream:
-                ck = (model, prov)
-                cost[ck] = cost.get(ck, 0.0) + g.cost.upstream
+                grp.tokens[0] += u.prompt_tokens
+                grp.tokens[1] += u.completion_tokens
+                grp.tokens[2] += u.cached_tokens
+                grp.tokens[3] += u.reasoning_tokens
+            if g.cost is not None:
+                grp.cost += g.cost.upstream
+            if g.streamed and ttft is not None and not g.cancelled and g.status < 400:
+                grp.ttfts.append(ttft)
+                if u is not None and u.completion_tokens > 1:
+                    grp.tpots.append((latency - ttft) / (u.completion_tokens - 1))
             for a in g.attempts:
                 ak = (a.provider, a.outcome)
                 attempts[ak] = attempts.get(ak, 0) + 1
             if g.hedge:
                 hedges[g.hedge] = hedges.get(g.hedge, 0) + 1
             if g.attempts and not g.cancelled:
-                self.overhead.observe(max(0.0, latency - _upstream_time(g.attempts)))
+                overheads.append(max(0.0, latency - _upstream_time(g.attempts)))
+        requests: dict[tuple[str, str], int] = {}
+        tokens: dict[tuple[str, str, str], int] = {}
+        cost: dict[tuple[str, str], float] = {}
+        durations: dict[tuple[str, ...], list[float]] = {}
+        ttfts: dict[tuple[str, ...], list[float]] = {}
+        tpots: dict[tuple[str, ...], list[float]] = {}
+        for (name, prov, status, cancelled), grp in groups.items():
+            model = self._model_label(name)
+            key = (model, _STATUS_CLASS.get(status // 100, _OTHER))
+            requests[key] = requests.get(key, 0) + len(grp.latencies)
+            error = "cancelled" if cancelled else (str(status) if status >= 400 else "")
+            durations.setdefault((model, prov, error), []).extend(grp.latencies)
+            if grp.ttfts:
+                ttfts.setdefault((model, prov), []).extend(grp.ttfts)
+            if grp.tpots:
+                tpots.setdefault((model, prov), []).extend(grp.tpots)
+            for kind, n in zip(_TOKEN_TYPES, grp.tokens, strict=True):
+                if n:
+                    tk = (model, prov, kind)
+                    tokens[tk] = tokens.get(tk, 0) + n
+            if grp.cost:
+                ck = (model, prov)
+                cost[ck] = cost.get(ck, 0.0) + grp.cost
+        child = self._child
+        for metric, series in ((self.duration, durations), (self.ttft, ttfts), (self.tpot, tpots)):
+            for labels, observed in series.items():
+                _observe_all(child(metric, labels), observed)
+        if overheads:
+            _observe_all(self.overhead, overheads)
         for metric, sums in (
             (self.requests, requests),
             (self.tokens, tokens),
@@ -323,6 +347,42 @@ class Metrics:
         await self._acct.notify_observers()  # this worker's last half second too
         body = await asyncio.to_thread(generate_latest, self.registry)  # reads the workers' files: off the loop
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+_TOKEN_TYPES = ("input", "output", "cached", "reasoning")  # gen_ai_token_type, in `_Group.tokens` order
+
+
+class _Group:
+    """The generations of one batch that share model, provider, status and cancellation: what their series get."""
+
+    __slots__ = ("cost", "latencies", "tokens", "tpots", "ttfts")
+
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.ttfts: list[float] = []
+        self.tpots: list[float] = []
+        self.tokens = [0, 0, 0, 0]  # prompt (input), completion (output), cached, reasoning
+        self.cost = 0.0
+
+
+def _observe_all(histogram: Any, values: list[float]) -> None:
+    """`histogram.observe(v)` for every v, counted first: each bucket and the sum then take one `inc` for the batch
+    instead of one per value (each `inc` takes a lock and, with several workers, writes the value's file). What
+    `observe` does, batched: a value counts in the first bucket whose upper bound is at least the value."""
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    total = getattr(histogram, "_sum", None)
+    if bounds is None or buckets is None or total is None:  # not the prometheus_client internals we know
+        for v in values:
+            histogram.observe(v)
+        return
+    counts = [0] * len(bounds)
+    for v in values:
+        counts[bisect_left(bounds, v)] += 1  # the last bound is +Inf
+    total.inc(sum(values))
+    for i, n in enumerate(counts):
+        if n:
+            buckets[i].inc(n)
 
 
 def _upstream_time(attempts: Sequence[AttemptRecord]) -> float:

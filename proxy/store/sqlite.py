@@ -129,9 +129,18 @@ _GEN_COLS = GenerationRecord.__struct_fields__
 _PUT_KEY = "INSERT OR REPLACE INTO keys ({}) VALUES ({})".format(
     ", ".join(f'"{c}"' for c in _KEY_COLS), ", ".join(f":{c}" for c in _KEY_COLS)
 )
-_PUT_GEN = "INSERT OR IGNORE INTO generations ({}) VALUES ({})".format(
-    ", ".join(_GEN_COLS), ", ".join(f":{c}" for c in _GEN_COLS)
+# Ledger rows: positional parameters (named ones make sqlite3 look up every column's name, for every row, in a
+# dict built for it), and many rows per INSERT: sqlite3 releases and retakes the GIL around each statement it
+# steps, and under load every retake waits for the busy event loop to let go of it; one statement per
+# `_ROWS_PER_INSERT` rows makes that a wait per 32 rows rather than per row. 32 × 21 parameters stays under 999,
+# the smallest limit SQLite builds have had. (Together ≈ 5 µs less of the store thread's CPU per record here.)
+_ROWS_PER_INSERT = 32
+_GEN_ROW = "({})".format(", ".join("?" for _ in _GEN_COLS))
+_PUT_GEN = "INSERT OR IGNORE INTO generations ({}) VALUES {}".format(", ".join(_GEN_COLS), _GEN_ROW)
+_PUT_GENS = "INSERT OR IGNORE INTO generations ({}) VALUES {}".format(
+    ", ".join(_GEN_COLS), ", ".join([_GEN_ROW] * _ROWS_PER_INSERT)
 )
+assert _GEN_COLS[-1] == "attempts"  # `_gen_row` encodes the last column
 _BUMP_KEYS = "UPDATE meta SET value = value + 1 WHERE name = 'keys_version'"
 _DAY_FIELDS = DayUsage.__struct_fields__  # the columns of _USAGE_BY_DAY, in order
 _USAGE_BY_DAY = (
@@ -160,10 +169,10 @@ def _key(row: sqlite3.Row) -> KeyRecord:
     return msgspec.convert(d, KeyRecord, strict=False)  # lax: INTEGER 0/1 → bool
 
 
-def _gen_row(gen: GenerationRecord) -> dict[str, Any]:
-    row = msgspec.structs.asdict(gen)
-    row["attempts"] = _json.encode(gen.attempts).decode()
-    return row
+def _gen_row(gen: GenerationRecord) -> tuple[Any, ...]:
+    """The record's columns in `_GEN_COLS` order, its attempts as JSON text."""
+    row = msgspec.structs.astuple(gen)
+    return (*row[:-1], _json.encode(row[-1]).decode())
 
 
 def _gen(row: sqlite3.Row) -> GenerationRecord:
@@ -499,9 +508,17 @@ class SQLiteStore:
         if not records:
             return
         rows = [_gen_row(g) for g in records]  # encoded here: the store's thread only does I/O
+        n = _ROWS_PER_INSERT
+        full = len(rows) - len(rows) % n
+        many = [[v for row in rows[i : i + n] for v in row] for i in range(0, full, n)]
+        rest = rows[full:]
 
         def write(conn: sqlite3.Connection) -> None:
-            conn.executemany(_PUT_GEN, rows)  # OR IGNORE: a retried batch keeps the first copy
+            # OR IGNORE: a retried batch keeps the first copy (row by row, in a many-row INSERT too)
+            for params in many:
+                conn.execute(_PUT_GENS, params)
+            if rest:
+                conn.executemany(_PUT_GEN, rest)
 
         await self._run(self._write, write)
 
