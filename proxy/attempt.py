@@ -25,8 +25,10 @@ import msgspec
 from adapters.base import Transcoder, transcoded
 from adapters.sse import event_end
 from health.monitor import Monitor
-from health.window import Outcome
+from health.window import OUTCOME_NAMES, Outcome
 from proxy.accounting.accountant import Generation
+from proxy.accounting.usage import Usage, openai_body_usage
+from proxy.deadline import Deadline
 from proxy.errors import (
     GatewayError,
     UpstreamError,
@@ -95,7 +97,7 @@ class Front(Protocol):
 class Committed:
     """A successful attempt, ready to be relayed. For streams, `prefix` holds the bytes already read."""
 
-    __slots__ = ("body", "chunks", "ctype", "ep", "prefix", "resp", "started", "status", "ttfb")
+    __slots__ = ("body", "chunks", "ctype", "ep", "prefix", "resp", "started", "status", "ttfb", "usage", "usage_read")
 
     def __init__(self, ep: Endpoint, resp: UpstreamResponse, started: float) -> None:
         self.ep = ep
@@ -107,6 +109,8 @@ class Committed:
         self.body: bytes | None = None  # non-stream: the whole body
         self.prefix = b""  # stream: bytes read up to and including the first content event
         self.chunks: AsyncIterator[bytes] | None = None  # stream: the rest
+        self.usage: Usage | None = None  # an OpenAI passthrough body's usage, read with its check (`usage_read`)
+        self.usage_read = False
 
 
 class Relay(Exception):
@@ -232,13 +236,20 @@ class _Object(msgspec.Struct, gc=False):
 _decode_object = msgspec.json.Decoder(_Object).decode
 
 
-def _check_json(data: bytes, ep: Endpoint, committed: Committed) -> None:
+def _check_json(data: bytes, ep: Endpoint, committed: Committed, openai: bool = False) -> None:
     """A passthrough success body must be a JSON object (an OpenAI answer): a truncated body, an HTML page from a
     proxy in front of the provider or a stream under the wrong content type is the upstream's failure (retryable:
     nothing reached the client yet), not a 200 for the client to choke on. A JSON object under another content
-    type is relayed as `application/json`."""
+    type is relayed as `application/json`. `openai`: the body is OpenAI's, and the one decode that checks it
+    also reads its usage (`committed.usage`), which the relay would otherwise decode the body again for."""
     try:
-        _decode_object(data)
+        if openai:
+            try:
+                committed.usage, committed.usage_read = openai_body_usage(data), True
+            except msgspec.DecodeError:  # not an object, or an object whose usage is not OpenAI's: look again
+                _decode_object(data)
+        else:
+            _decode_object(data)
     except msgspec.DecodeError:
         raise UpstreamProtocolError(
             f"upstream {ep.provider} answered {committed.status} with a body that is not a JSON object "
@@ -311,7 +322,7 @@ async def run_attempt(
     reshape: Front | None = None  # a front's translation, OpenAI → the client's format
     extra: Mapping[str, str] | None = None
     try:
-        async with asyncio.timeout_at(deadline):
+        with Deadline(deadline):
             if front is None:
                 payload = adapter.request_body(body, public_model, ep.model, strip)
             else:
@@ -354,7 +365,7 @@ async def run_attempt(
                     chunks = transcoded(chunks, reshape.transcoder())
                     committed.ctype = "text/event-stream"
                 try:
-                    async with asyncio.timeout_at(first_token):
+                    with Deadline(first_token):
                         if front is None:
                             await _first_content(chunks, committed)
                         else:  # judged on what the client will get, native or reshaped
@@ -369,7 +380,7 @@ async def run_attempt(
             else:
                 data = await resp.read(max_response_bytes)
                 if not translate and reshape is None:
-                    _check_json(data, ep, committed)  # relayed as received: but a 2xx must be an answer
+                    _check_json(data, ep, committed, front is None)  # relayed as received: a 2xx must be an answer
                 committed.body = _parse(adapter.parse_response, data, ep, ep.model) if translate else data
                 if reshape is not None:
                     committed.body = _parse(reshape.response, committed.body, ep)
@@ -403,7 +414,7 @@ async def run_attempt(
         monitor.record(ep, outcome, None, clock() - started, retry_after=retry_after)
         if gen is not None:
             status = err.upstream_status if isinstance(err, UpstreamStatus) else 0
-            gen.attempt(ep.provider, ep.key, outcome.name.lower(), status, started, clock())
+            gen.attempt(ep.provider, ep.key, OUTCOME_NAMES[outcome], status, started, clock())
         raise err from None
     except BaseException:  # cancelled: a hedge lost, or the client left
         if resp is not None:

@@ -21,7 +21,7 @@ import orjson
 from aiohttp import web
 
 from health.monitor import Monitor
-from health.window import Outcome
+from health.window import OUTCOME_NAMES, Outcome
 from proxy.accounting.accountant import Accountant, Generation, worst_case
 from proxy.accounting.usage import (
     Usage,
@@ -49,10 +49,11 @@ from proxy.errors import (
 from proxy.preferences import fallback_models, provider_prefs
 from proxy.router import Endpoint, ModelRoute, Router
 from proxy.schema import _View
-from proxy.stream import KEEPALIVE, SSE_HEADERS, pipe, prepare, whole_events
+from proxy.stream import KEEPALIVE, SSE_HEADERS, answer, pipe, prepare, whole_events
 from proxy.upstream import UpstreamClient
 
-_FINISH = re.compile(rb'"(?:finish_reason|stop_reason)"\s*:\s*"([a-z_]+)"')  # OpenAI's, Anthropic's
+_FINISH_KEYS = (b'"finish_reason"', b'"stop_reason"')  # OpenAI's, Anthropic's
+_FINISH_VALUE = re.compile(rb'\s*:\s*"([a-z_]+)"')
 GENERATION_HEADER = "X-Hedgerow-Generation-Id"
 PROVIDER_HEADER = "X-Hedgerow-Provider"
 ENDPOINT_HEADER = "X-Hedgerow-Endpoint"
@@ -179,7 +180,7 @@ class Forwarder:
             headers[PROVIDER_HEADER] = c.ep.provider
             gen.provider, gen.endpoint, gen.status = c.ep.provider, c.ep.key, c.status
             _timing(headers, c.ttfb, c.started + c.ttfb - gen.started)
-            return _relay(c, headers)
+            return _relay(request, c, headers)
         except GatewayError as e:
             if run.down is not None:  # keep-alives already opened the stream: end it with the error
                 gen.status = 200
@@ -202,7 +203,10 @@ class Forwarder:
         _timing(headers, c.ttfb, gen.ttft)
         if c.body is not None:
             body_out = c.body
-            usage = usage_from_body(body_out) if front is None else usage_from_messages_body(body_out)
+            if c.usage_read:  # read by the attempt, with its check that the body is a JSON object
+                usage = c.usage
+            else:
+                usage = usage_from_body(body_out) if front is None else usage_from_messages_body(body_out)
             self._served(gen, c, usage, Outcome.OK, c.ttfb, self.clock() - c.started, body_out)
             fields = gen.cost_fields() if front is None else None
             if fields is not None:
@@ -213,7 +217,7 @@ class Forwarder:
             if run.down is not None:  # stream requested, upstream answered JSON, keep-alives already sent
                 await run.down.write(body_out)
                 return run.down
-            return web.Response(body=body_out, status=c.status, headers=headers)
+            return answer(request, c.status, headers, body_out)
         return await self._relay_stream(request, run, c, headers, store_key, gen, front)
 
     def _served(
@@ -222,11 +226,11 @@ class Forwarder:
         """The winning attempt ended: its health sample, its ledger entry, its cost. `end`: the body, or the
         stream's tail, where the finish reason is."""
         tokens = usage.completion_tokens if usage is not None else 0
-        reasons = _FINISH.findall(end)
-        if reasons:
-            gen.finish_reason = reasons[-1].decode()
+        reason = _last_finish(end)
+        if reason is not None:
+            gen.finish_reason = reason
         self.monitor.record(c.ep, outcome, ttfb, took, tokens)
-        gen.attempt(c.ep.provider, c.ep.key, outcome.name.lower(), c.status, c.started, c.started + took)
+        gen.attempt(c.ep.provider, c.ep.key, OUTCOME_NAMES[outcome], c.status, c.started, c.started + took)
         fee = self.accountant.cfg.fee if self.accountant is not None else 0.0
         gen.served(c.ep.provider, c.ep.key, usage, c.ep.price, fee)
 
@@ -439,8 +443,25 @@ def _timing(headers: dict[str, str], upstream: float, total: float) -> None:
     from its send to its commit, `gateway` the rest of the time until then (parsing, routing, failed attempts)."""
     up = f"{upstream * 1000.0:.2f}"
     headers[UPSTREAM_TTFB_HEADER] = up
-    # max: under uvloop the attempt's clock (loop.time()) counts whole milliseconds, the request's does not
-    headers["Server-Timing"] = f"gateway;dur={max(total - upstream, 0.0) * 1000.0:.2f}, upstream;dur={up}"
+    # at least 0: under uvloop the attempt's clock (loop.time()) counts whole milliseconds, the request's does not
+    gateway = total - upstream if total > upstream else 0.0
+    headers["Server-Timing"] = f"gateway;dur={gateway * 1000.0:.2f}, upstream;dur={up}"
+
+
+def _last_finish(data: bytes) -> str | None:
+    """The last `"finish_reason": "…"` (or Anthropic's `"stop_reason"`) with a string value in `data`. Searched
+    from the end, where a body's or a stream tail's is: a regex over the whole answer costs ≈ 2.5 µs per KiB."""
+    finish, stop = _FINISH_KEYS
+    end = len(data)
+    while True:
+        at_finish, at_stop = data.rfind(finish, 0, end), data.rfind(stop, 0, end)
+        pos, key = (at_finish, finish) if at_finish >= at_stop else (at_stop, stop)
+        if pos < 0:
+            return None
+        m = _FINISH_VALUE.match(data, pos + len(key))
+        if m is not None:
+            return m.group(1).decode()
+        end = pos + len(key) - 1  # this one's value is not a string (`null`): an earlier one
 
 
 def _stick(plan: list[Endpoint], key: str | None) -> None:
@@ -464,7 +485,7 @@ async def _replay(request: web.Request, stored: bytes, stream: bool, headers: di
     headers[CACHE_HEADER] = HIT
     if not stream:
         headers["Content-Type"] = "application/json"
-        return web.Response(body=stored, headers=headers)
+        return answer(request, 200, headers, stored)
     headers.update(SSE_HEADERS)
     down = await prepare(request, 200, headers)
     for event in replay_chunks(stored):
@@ -472,13 +493,13 @@ async def _replay(request: web.Request, stored: bytes, stream: bool, headers: di
     return down
 
 
-def _relay(c: Committed, headers: dict[str, str]) -> web.Response:
+def _relay(request: web.Request, c: Committed, headers: dict[str, str]) -> web.Response:
     """An upstream's client-fault answer, relayed as received (with Retry-After if it gave one)."""
     headers["Content-Type"] = c.ctype
     retry_after = c.resp.headers.get("Retry-After")
     if retry_after is not None:
         headers["Retry-After"] = retry_after
-    return web.Response(body=c.body, status=c.status, headers=headers)
+    return answer(request, c.status, headers, c.body or b"")
 
 
 class RelayedStatus(GatewayError):

@@ -9,16 +9,16 @@ Usage is read from a small tail of the stream at its end, not by parsing every e
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
 from adapters.sse import last_event_end
 from health.window import Outcome
+from proxy.deadline import Deadline
 from proxy.errors import GatewayError, UpstreamTimeout
 from proxy.lean_server.request import LeanRequest
-from proxy.lean_server.response import LeanStream
+from proxy.lean_server.response import LeanStream, PlainAnswer
 
 # The client stream: aiohttp's on its engine, `LeanStream` on the lean one (same prepare/write API).
 Downstream = web.StreamResponse | LeanStream
@@ -36,6 +36,14 @@ async def prepare(request: web.Request | LeanRequest, status: int, headers: dict
     down = web.StreamResponse(status=status, headers=headers)
     await down.prepare(request)
     return down
+
+
+def answer(request: web.Request | LeanRequest, status: int, headers: dict[str, str], body: bytes) -> web.Response:
+    """A whole (non-streamed) answer: a `web.Response` on aiohttp's engine; on the lean one the status, `headers`
+    (the caller's dict, not copied) and body as they are, which the engine serialises itself."""
+    if isinstance(request, LeanRequest):
+        return PlainAnswer(status, headers, body)  # type: ignore[return-value]  # the lean engine's own answer
+    return web.Response(body=body, status=status, headers=headers)
 
 
 async def pipe(
@@ -58,7 +66,7 @@ async def pipe(
     tail = bytearray(prefix[-_TAIL:])
     outcome = Outcome.OK
     try:
-        async with asyncio.timeout_at(deadline):
+        with Deadline(deadline):
             if prefix:
                 await down.write(prefix)
                 if collect is not None:

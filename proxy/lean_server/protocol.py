@@ -37,7 +37,16 @@ from proxy.edge import UNSUPPORTED_TE, only_chunked
 from proxy.errors import BadRequest, GatewayError, HeadersTooLarge, RequestTimeout
 from proxy.handlers import error_response, unexpected_error
 from proxy.lean_server.request import LeanRequest
-from proxy.lean_server.response import CONTINUE, LeanStream, error_bytes, framing, head, plain_response
+from proxy.lean_server.response import (
+    CONTINUE,
+    LeanStream,
+    PlainAnswer,
+    error_bytes,
+    framing,
+    head,
+    plain_response,
+    whole,
+)
 
 if TYPE_CHECKING:
     from proxy.lean_server.server import LeanServer
@@ -312,13 +321,21 @@ class Connection(asyncio.Protocol):
                 raise RuntimeError("a handler returned a response after starting a stream")
             stream.finish()
             return
-        if not isinstance(resp, web.Response):
+        if type(resp) is PlainAnswer:
+            keep = req.keep_alive and not self._closing
+            if not keep:
+                self._closing = True
+            self._server.edge.stamp(req.headers, resp.headers)
+            out = whole(resp.status, None, resp.headers, resp.body, keep, req.http10, req.method == "HEAD")
+        elif isinstance(resp, web.Response):
+            keep = req.keep_alive and resp.keep_alive is not False and not self._closing
+            if not keep:
+                self._closing = True
+            self._server.edge.stamp(req.headers, resp.headers)
+            out = plain_response(resp, keep, req.http10, req.method == "HEAD")
+        else:
             raise TypeError(f"handler returned {type(resp).__name__}, not web.Response")
-        keep = req.keep_alive and resp.keep_alive is not False and not self._closing
-        if not keep:
-            self._closing = True
-        self._server.edge.stamp(req.headers, resp.headers)
-        for data in plain_response(resp, keep, req.http10, req.method == "HEAD"):
+        for data in out:
             self.send(data)
 
     def start_stream(self, req: LeanRequest, status: int, headers: dict[str, str]) -> LeanStream:

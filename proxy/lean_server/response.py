@@ -8,7 +8,7 @@ machinery. Status lines and the Date line are prebuilt (the Date line once a sec
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import TYPE_CHECKING
@@ -59,14 +59,40 @@ def head(status: int, reason: str | None, headers: Mapping[str, str], framing: b
         if reason is not None and ("\r" in reason or "\n" in reason):
             raise ValueError("CR or LF in a response reason")
         line = f"HTTP/1.1 {status} {reason or ''}\r\n".encode()
-    parts = [f"{name}: {value}\r\n" for name, value in headers.items() if name.lower() not in _OWN_HEADERS]
+    items: Iterable[tuple[str, str]] = headers.items()
+    sendable = _SENDABLE
+    for name in headers:
+        ok = sendable.get(name)
+        if ok is None:
+            ok = _sendable(name)
+        if not ok:  # rare: a handler set a framing header; drop those (ours follow)
+            items = [(n, v) for n, v in headers.items() if _sendable(n)]
+            break
+    try:
+        lines = list(map(": ".join, items))
+    except TypeError:  # a value that is not a str (aiohttp's headers hold only str; a plain dict may not)
+        lines = [f"{n}: {v}" for n, v in items]
     if "Content-Type" not in headers:
-        parts.append(f"Content-Type: {_DEFAULT_TYPE}\r\n")
-    text = "".join(parts)
-    # Each line ends in exactly one CRLF; more CRs or LFs mean a value would split the response.
-    if text.count("\n") != len(parts) or text.count("\r") != len(parts):
+        lines.append(_DEFAULT_TYPE_LINE)
+    text = "\r\n".join(lines)
+    # Lines are joined by exactly one CRLF each; more CRs or LFs mean a value would split the response.
+    if text.count("\n") != len(lines) - 1 or text.count("\r") != len(lines) - 1:
         raise ValueError("CR or LF in a response header")
-    return b"".join((line, text.encode(), DATE.get(), framing))
+    return b"".join((line, text.encode(), b"\r\n", DATE.get(), framing))
+
+
+# Header name (as handlers spell it) → True unless it is one of ours (_OWN_HEADERS): one dict lookup per header
+# instead of a lower() and a set test. Handlers use a few dozen names; the bound keeps odd ones from piling up.
+_SENDABLE: dict[str, bool] = {}
+_SENDABLE_MAX = 256
+_DEFAULT_TYPE_LINE = f"Content-Type: {_DEFAULT_TYPE}"
+
+
+def _sendable(name: str) -> bool:
+    ok = name.lower() not in _OWN_HEADERS
+    if len(_SENDABLE) < _SENDABLE_MAX:
+        _SENDABLE[name] = ok
+    return ok
 
 
 def framing(length: int | None, keep_alive: bool, http10: bool) -> bytes:
@@ -88,12 +114,37 @@ def plain_response(resp: web.Response, keep_alive: bool, http10: bool, head_only
         body = b""
     elif not isinstance(body, bytes | bytearray):
         raise TypeError("the lean engine sends bytes bodies only")
-    data = head(resp.status, resp.reason, resp.headers, framing(len(body), keep_alive, http10))
+    return whole(resp.status, resp.reason, resp.headers, body, keep_alive, http10, head_only)
+
+
+def whole(
+    status: int,
+    reason: str | None,
+    headers: Mapping[str, str],
+    body: bytes | bytearray,
+    keep_alive: bool,
+    http10: bool,
+    head_only: bool,
+) -> tuple[bytes, ...]:
+    data = head(status, reason, headers, framing(len(body), keep_alive, http10))
     if head_only or not body:
         return (data,)
     if len(body) <= JOIN_MAX:
         return (data + body,)
     return data, bytes(body)
+
+
+class PlainAnswer:
+    """A whole answer built for the lean engine (`proxy.stream.answer`): status, the handler's own header dict and
+    the body, serialised as they are. What a `web.Response` would carry, without building one (its
+    case-insensitive header copy, status and body setters: ≈ 3.5 µs a request) only to read it back."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
 
 
 def error_bytes(err: GatewayError, *, close: bool = True) -> bytes:

@@ -9,9 +9,10 @@ is one `transport.write`, and llhttp parses the response straight into a small p
 Scope: `http://` only (`https://` targets are delegated to `AiohttpClient`, created on first use), HTTP/1.1
 keep-alive, no decompression, no redirects, no proxies. Same timeouts and errors as `aiohttp_pool`.
 
-Per-request cost is kept to: one bytes join for the request, one head Future, one TimerHandle, the response
-object (its headers, a deque); body waits allocate a Future only when the queue is empty, and the idle timer
-is armed once per `idle_s` of waiting rather than once per chunk.
+Per-request cost is kept to: one bytes join for the request, one head Future, a first-byte deadline (a loop
+timer only if it comes due: proxy/deadline.py), the response object (its headers, a deque); body waits allocate
+a Future only when the queue is empty, and the idle timer is armed once per `idle_s` of waiting rather than once
+per chunk.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 from multidict import CIMultiDict
 from yarl import URL
 
+from proxy.deadline import call_at
 from proxy.errors import (
     StreamInterrupted,
     UpstreamConnectError,
@@ -619,7 +621,7 @@ class LeanClient:
             transport.write(data)
             if tail:
                 transport.write(tail)
-            timer = loop.call_at(deadline, _expire, fut)
+            timer = call_at(loop, deadline, _expire, fut)  # minutes away: no loop timer unless it comes due
             try:
                 resp = await fut
             except _Stale:
