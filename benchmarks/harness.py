@@ -10,6 +10,7 @@ import http.client
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -284,3 +285,43 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "kernel": platform.release(),
     }
+
+
+_NGINX_CONF = """\
+worker_processes 1;
+pid {dir}/nginx.pid;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    upstream fake {{ server 127.0.0.1:{upstream}; keepalive 256; }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://fake;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}
+}}
+"""
+NGINX_MISSING = "nginx: not on PATH, skipped (apt-get install nginx, or any nginx ≥ 1.19.5: benchmarks/README.md)"
+
+
+def nginx_service(tmp: Path, cpus: frozenset[int] | None, upstream_port: int, port: int) -> Service | None:
+    """nginx as a reference proxy (one worker, keep-alive upstream, no buffering) on `port`, started (not yet
+    ready), when `nginx` is on PATH; else None. Its files live under `tmp/nginx`."""
+    exe = shutil.which("nginx")
+    if exe is None:
+        return None
+    prefix = tmp / "nginx"
+    prefix.mkdir()
+    conf = prefix / "nginx.conf"
+    conf.write_text(_NGINX_CONF.format(dir=prefix, upstream=upstream_port, port=port))
+    args = ["-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log"), "-g", "daemon off;"]
+    return Service("nginx", args, cpus, tmp, exe=exe)

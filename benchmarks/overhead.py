@@ -1,7 +1,8 @@
 """The `overhead` scenario: what Hedgerow adds to a request, next to a bare aiohttp proxy and the upstream alone.
 
 Three targets share one zero-delay fake upstream: `direct` (the upstream alone: the floor), `bare` (the least an
-aiohttp pass-through costs, benchmarks/bare_proxy.py) and `gateway` (Hedgerow). Three tests run against each:
+aiohttp pass-through costs, benchmarks/bare_proxy.py) and `gateway` (Hedgerow); and `nginx` when it is on PATH
+(what a compiled proxy adds on the same machine). Three tests run against each:
 open-loop non-stream latency, open-loop stream TTFB with a byte-identity check, closed-loop throughput.
 A round runs every test against every target back to back, in an order that rotates each round; "added" is
 target minus direct within the same round, and figures are medians over rounds, so the drift of a noisy
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from benchmarks.fake_upstream import FIXTURES
 from benchmarks.harness import (
     CLK_TCK,
+    NGINX_MISSING,
     CpuPlan,
     Service,
     ServiceError,
@@ -32,6 +34,7 @@ from benchmarks.harness import (
     free_ports,
     http_ok,
     machine,
+    nginx_service,
     run_load,
 )
 
@@ -142,7 +145,7 @@ def run(opts: Options) -> int:
 
 def _start(tmp: Path, plan: CpuPlan, services: list[Service]) -> tuple[list[Target], str | None]:
     """Upstream and bare proxy must start; the gateway may not (yet): its error is returned instead."""
-    up_port, bare_port, gw_port = free_ports(3)
+    up_port, bare_port, gw_port, nginx_port = free_ports(4)
     upstream = Service("upstream", ["-m", "benchmarks.fake_upstream", "--port", str(up_port)], plan.load, tmp)
     services.append(upstream)
     upstream.wait_ready(http_ok(up_port, "/v1/models"))
@@ -154,6 +157,14 @@ def _start(tmp: Path, plan: CpuPlan, services: list[Service]) -> tuple[list[Targ
         Target("direct", up_port, UPSTREAM_MODEL, None, upstream),
         Target("bare", bare_port, UPSTREAM_MODEL, None, bare),
     ]
+    # nginx, when installed: what a compiled proxy adds on this machine (its loopback hops and wake-ups).
+    nginx = nginx_service(tmp, plan.proxy, up_port, nginx_port)
+    if nginx is None:
+        print(NGINX_MISSING, flush=True)
+    else:
+        services.append(nginx)
+        nginx.wait_ready(http_ok(nginx_port, "/v1/models"))
+        targets.append(Target("nginx", nginx_port, UPSTREAM_MODEL, None, nginx))
 
     config = tmp / "gateway.yaml"
     config.write_text(
@@ -358,7 +369,7 @@ def _checks(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     added, bare_added = gw.get("added_p50"), bare["added_p50"]
     ttfb_added = gw.get("added_ttfb_p50")
     rps_ratio = _ratio(gw.get("rps"), bare["rps"])
-    proxies = [summary[n] for n in ("bare", "gateway") if n in summary]
+    proxies = [summary[n] for n in ("bare", "nginx", "gateway") if n in summary]
 
     def check(name: str, kind: str, ok: bool | None, detail: str) -> dict[str, Any]:
         return {"name": name, "kind": kind, "ok": ok, "detail": detail}

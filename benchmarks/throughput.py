@@ -42,6 +42,7 @@ from urllib.parse import urlsplit
 
 from benchmarks.harness import (
     CLK_TCK,
+    NGINX_MISSING,
     CpuPlan,
     Service,
     ServiceError,
@@ -50,6 +51,7 @@ from benchmarks.harness import (
     free_ports,
     http_ok,
     listeners,
+    nginx_service,
     run_load,
 )
 from benchmarks.kit import (
@@ -94,29 +96,6 @@ LITELLM_ENV = "HEDGEROW_BENCH_LITELLM_URL"  # an already-running LiteLLM proxy, 
 PORTKEY_ENV = "HEDGEROW_BENCH_PORTKEY_URL"  # an already-running Portkey gateway, e.g. http://127.0.0.1:8787
 FAKE_KEY = "sk-bench-upstream"  # what peers send the fake upstream (which checks nothing)
 
-NGINX_CONF = """\
-worker_processes 1;
-pid {dir}/nginx.pid;
-events {{ worker_connections 8192; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-    upstream fake {{ server 127.0.0.1:{upstream}; keepalive 256; }}
-    server {{
-        listen 127.0.0.1:{port} backlog=4096;
-        location / {{
-            proxy_pass http://fake;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_buffering off;
-        }}
-    }}
-}}
-"""
 
 LITELLM_CONF = """\
 model_list:
@@ -318,18 +297,12 @@ def _references(
 ) -> list[Target]:
     """nginx and the peers that are there; a note for each that is not. Nothing is ever downloaded."""
     out: list[Target] = []
-    nginx = shutil.which("nginx")
+    port = next(ports)
+    nginx = nginx_service(tmp, plan.proxy, up_port, port)
     if nginx is None:
-        notes.append("nginx: not on PATH, skipped (apt-get install nginx, or any nginx ≥ 1.19.5: benchmarks/README.md)")
+        notes.append(NGINX_MISSING)
     else:
-        port = next(ports)
-        prefix = tmp / "nginx"
-        prefix.mkdir()
-        conf = prefix / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(dir=prefix, upstream=up_port, port=port))
-        args = ["-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log"), "-g", "daemon off;"]
-        service = started(Service("nginx", args, plan.proxy, tmp, exe=nginx), http_ok(port, "/v1/models"))
-        out.append(Target("nginx", port, service))
+        out.append(Target("nginx", port, started(nginx, http_ok(port, "/v1/models"))))
 
     litellm_url, litellm = os.environ.get(LITELLM_ENV), shutil.which("litellm")
     if litellm_url and not fixed_port:
