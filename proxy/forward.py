@@ -229,7 +229,8 @@ class Forwarder:
         reason = _last_finish(end)
         if reason is not None:
             gen.finish_reason = reason
-        self.monitor.record(c.ep, outcome, ttfb, took, tokens)
+        # The health sample after the answer is written (see Gateway.serve): the next request's routing sees it.
+        asyncio.get_running_loop().call_soon(self.monitor.record, c.ep, outcome, ttfb, took, tokens)
         gen.attempt(c.ep.provider, c.ep.key, OUTCOME_NAMES[outcome], c.status, c.started, c.started + took)
         fee = self.accountant.cfg.fee if self.accountant is not None else 0.0
         gen.served(c.ep.provider, c.ep.key, usage, c.ep.price, fee)

@@ -131,7 +131,9 @@ class Gateway:
             gen.status = gen.status or 499
             raise
         finally:
-            acct.finish(gen)
+            # One loop step later: a whole answer is written in this step (transport.write, before the task
+            # yields), and its bookkeeping (ledger record, credit commit, the observers' batch) need not delay it.
+            asyncio.get_running_loop().call_soon(acct.finish, gen)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._proxy(request, "chat")
