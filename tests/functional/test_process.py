@@ -218,6 +218,9 @@ async def test_workers_stop_when_their_supervisor_is_killed(fake_upstream, tmp_p
         for pid in workers:  # a failure must not leave workers serving
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        # With every worker gone its pipes reach EOF: reap the supervisor and close its transport here, or the
+        # garbage collector does it during a later test, whose loop is not this one ("Event loop is closed").
+        await asyncio.wait_for(proc.communicate(), 15)
 
 
 def _running(pid: int) -> bool:
