@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from benchmarks.harness import CpuPlan, Service, ServiceError, cpu_plan, free_ports, run_load
+from benchmarks.harness import CpuPlan, Service, ServiceError, bench_engine, cpu_plan, free_ports, run_load
 from benchmarks.kit import (
     GATEWAY_KEY,
     MODEL,
@@ -98,7 +98,7 @@ METERED = ("sqlite", "redis")
 def gateway_config(port: int, upstream_port: int, accounting: str) -> str:
     """overhead's gateway (one key, one provider, one model; the same server engine) with a key in org `bench`,
     rpm/tpm limits, a priced endpoint and the given `accounting:` section (YAML flow mapping)."""
-    engine = os.environ.get("HEDGEROW_BENCH_ENGINE", "aiohttp")  # as overhead: the gateway's HTTP server engine
+    engine = bench_engine()  # as overhead: the gateway's HTTP server engine
     return (
         f"server: {{host: 127.0.0.1, port: {port}, engine: {engine}}}\n"
         f"keys:\n  - {{name: bench, key: {GATEWAY_KEY}, org: {ORG}, rpm: {LIMIT}, tpm: {LIMIT}}}\n"

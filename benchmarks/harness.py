@@ -325,3 +325,11 @@ def nginx_service(tmp: Path, cpus: frozenset[int] | None, upstream_port: int, po
     conf.write_text(_NGINX_CONF.format(dir=prefix, upstream=upstream_port, port=port))
     args = ["-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log"), "-g", "daemon off;"]
     return Service("nginx", args, cpus, tmp, exe=exe)
+
+
+def bench_engine() -> str:
+    """The gateway's server engine in a scenario: `HEDGEROW_BENCH_ENGINE` (`lean` or `aiohttp`), else the config's
+    default."""
+    from proxy.config import ServerConfig
+
+    return os.environ.get("HEDGEROW_BENCH_ENGINE") or ServerConfig().engine

@@ -19,7 +19,6 @@ Then what was observed is checked against what was sent: `/metrics` counts one r
 
 from __future__ import annotations
 
-import os
 import statistics
 import tempfile
 import time
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from benchmarks.harness import CpuPlan, Service, ServiceError, cpu_plan, free_ports
+from benchmarks.harness import CpuPlan, Service, ServiceError, bench_engine, cpu_plan, free_ports
 from benchmarks.kit import (
     GATEWAY_KEY,
     MODEL,
@@ -81,7 +80,7 @@ SERVER = {"quiet": "metrics: false, access-log: false", "observed": "metrics: tr
 
 def gateway_config(port: int, upstream_port: int, observe: str) -> str:
     """overhead's gateway (one key, one provider, one model; the same server engine) with the given switches."""
-    engine = os.environ.get("HEDGEROW_BENCH_ENGINE", "aiohttp")  # as overhead: the gateway's HTTP server engine
+    engine = bench_engine()  # as overhead: the gateway's HTTP server engine
     return (
         f"server: {{host: 127.0.0.1, port: {port}, engine: {engine}, {observe}}}\n"
         f"keys:\n  - {{name: bench, key: {GATEWAY_KEY}}}\n"

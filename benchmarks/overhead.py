@@ -29,6 +29,7 @@ from benchmarks.harness import (
     CpuPlan,
     Service,
     ServiceError,
+    bench_engine,
     cpu_plan,
     cpu_ticks,
     free_ports,
@@ -174,7 +175,7 @@ def _start(tmp: Path, plan: CpuPlan, services: list[Service]) -> tuple[list[Targ
             upstream_port=up_port,
             model=GATEWAY_MODEL,
             upstream_model=UPSTREAM_MODEL,
-            engine=os.environ.get("HEDGEROW_BENCH_ENGINE", "aiohttp"),  # the gateway's HTTP server engine
+            engine=bench_engine(),  # the gateway's HTTP server engine
         )
     )
     gateway = Service("gateway", ["-m", "proxy", "serve", "--config", str(config), "--workers", "1"], plan.proxy, tmp)

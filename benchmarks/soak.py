@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from benchmarks.fake_upstream import FIXTURES
-from benchmarks.harness import CpuPlan, Service, ServiceError, cpu_plan, free_ports, run_load
+from benchmarks.harness import CpuPlan, Service, ServiceError, bench_engine, cpu_plan, free_ports, run_load
 from benchmarks.kit import (
     GATEWAY_KEY,
     MODEL,
@@ -181,7 +181,7 @@ def _upstream_args(shares: dict[str, float], seed: int) -> list[str]:
 
 
 def gateway_config(port: int, upstreams: list[Upstream], ledger: Path) -> str:
-    engine = os.environ.get("HEDGEROW_BENCH_ENGINE", "aiohttp")  # as overhead: the gateway's HTTP server engine
+    engine = bench_engine()  # as overhead: the gateway's HTTP server engine
     providers = "".join(
         f'  - {{name: {u.name}, base-url: "http://127.0.0.1:{u.port}/v1", timeouts: {TIMEOUTS}}}\n' for u in upstreams
     )

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any, cast
 import httptools
 import uvloop
 
-from benchmarks.harness import ROOT, CpuPlan, Service, ServiceError, child_env, cpu_plan, free_ports
+from benchmarks.harness import ROOT, CpuPlan, Service, ServiceError, bench_engine, child_env, cpu_plan, free_ports
 from benchmarks.kit import (
     CHAT_PATH,
     GATEWAY_KEY,
@@ -927,7 +927,7 @@ def run(opts: Options) -> int:
     hold_s = opts.duration_s or (QUICK_HOLD_S if opts.quick else HOLD_S)
     open_rate = opts.rate or OPEN_RATE
     pause_s = QUICK_PAUSE_S if opts.quick else PAUSE_S
-    engine = os.environ.get("HEDGEROW_BENCH_ENGINE", "aiohttp")
+    engine = bench_engine()
     # Children inherit this process's limit: the gateway needs 2 fds per stream, the client and upstream 1.
     nofile = raise_nofile(2 * max(levels_n) + 256)
     settings = {

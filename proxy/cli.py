@@ -55,7 +55,9 @@ def _parser() -> argparse.ArgumentParser:
         help="worker processes sharing the port (SO_REUSEPORT); auto (the default): one per CPU this process "
         "may use (affinity and cgroup quota)",
     )
-    s.add_argument("--engine", choices=["aiohttp", "lean"], help="HTTP server engine (overrides server.engine)")
+    s.add_argument(
+        "--engine", choices=["aiohttp", "lean"], help="HTTP server engine (overrides server.engine; default lean)"
+    )
     s.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     c = sub.add_parser(

@@ -162,7 +162,7 @@ class ServerConfig(Base):
     drain_grace_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0  # SIGTERM: time in-flight streams get to end
     max_response_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024 * 1024  # non-streamed upstream body
     upstream_client: Literal["lean", "aiohttp"] = "lean"  # lean: httptools pool for http:// (https → aiohttp)
-    engine: Literal["aiohttp", "lean"] = "aiohttp"  # HTTP server: aiohttp's, or proxy/lean_server (llhttp)
+    engine: Literal["aiohttp", "lean"] = "lean"  # HTTP server: proxy/lean_server (llhttp), or aiohttp's
     metrics: bool = True  # GET /metrics (Prometheus, every worker; no key: keep it off the public network)
     access_log: bool = False  # one JSON line per request on stdout (logger `hedgerow.access`), written off the hot path
     tracing: TracingConfig = TracingConfig()  # OpenTelemetry spans per request and attempt (the `otel` extra)

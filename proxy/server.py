@@ -1,7 +1,8 @@
 """Run the gateway: uvloop, N worker processes sharing the port (SO_REUSEPORT), signals, graceful drain.
 
-Two HTTP server engines serve the same routes and lifecycle (proxy/app.py): aiohttp's (the default) and
-the lean one in proxy/lean_server (`server.engine: lean`), which spends far less CPU per request.
+Two HTTP server engines serve the same routes and lifecycle (proxy/app.py): the lean one in proxy/lean_server
+(the default), which spends far less CPU per request, and aiohttp's (`server.engine: aiohttp`), kept as the
+fallback: the same behaviours, checked by the same tests on both.
 
 aiohttp has no deadline for reading a request head, so a client trickling header bytes (slowloris) could
 hold a connection forever; `_HeadDeadlineHandler` closes it with a 408 after `header-timeout-s`. It also
