@@ -27,6 +27,8 @@ Downstream = web.StreamResponse | LeanStream
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 KEEPALIVE = b": keep-alive\n\n"  # an SSE comment: clients ignore it, idle timers along the way reset
 _TAIL = 4096  # the finish-reason and usage events are the last but [DONE]; a few KiB always hold them
+_HOLD_MAX = 1 << 20  # the most of an unfinished event held back (`pipe`); more is relayed as it is
+_LF2, _CRLF2 = b"\n\n", b"\r\n\r\n"
 
 
 async def prepare(request: web.Request | LeanRequest, status: int, headers: dict[str, str]) -> Downstream:
@@ -63,24 +65,26 @@ async def pipe(
     """
     # The last few KiB relayed, however the upstream cut its writes (one byte each, at worst): the usage and
     # finish-reason events are there. Appending a chunk is a small copy; the window is trimmed at twice its size.
-    tail = bytearray(prefix[-_TAIL:])
+    # A chunk that ends inside an event is relayed up to its last whole event; the rest (`held`) goes out with the
+    # chunk that completes it. So a stream cut mid-event ends with whole events and then our error event, never
+    # half an event glued to it (which a client parses as one broken event, and never sees the error). Upstreams
+    # write whole events nearly always: then each chunk goes out as it came, uncopied.
+    tail = bytearray()
     outcome = Outcome.OK
     try:
         with Deadline(deadline):
-            if prefix:
-                await down.write(prefix)
-                if collect is not None:
-                    collect.append(prefix)
-            async for data in chunks:
+            data, held = _whole_events(prefix, b"")
+            if data:
                 await down.write(data)
-                if len(data) >= _TAIL:
-                    tail = bytearray(data[-_TAIL:])
-                else:
-                    tail += data
-                    if len(tail) > 2 * _TAIL:
-                        del tail[:-_TAIL]
-                if collect is not None:
-                    collect.append(data)
+                tail = _kept(tail, data, collect)
+            async for chunk in chunks:
+                data, held = _whole_events(chunk, held)
+                if data:
+                    await down.write(data)
+                    tail = _kept(tail, data, collect)
+            if held:  # the upstream ended cleanly without closing its last event: relayed as it sent it
+                await down.write(held)
+                tail = _kept(tail, held, collect)
     except TimeoutError as e:
         err = e if isinstance(e, GatewayError) else UpstreamTimeout("stream exceeded its total time")
         outcome = Outcome.TIMEOUT
@@ -89,6 +93,31 @@ async def pipe(
         outcome = Outcome.PROTOCOL
         await down.write(e.sse_event() if error_event is None else error_event(e))
     return outcome, bytes(tail)
+
+
+def _whole_events(data: bytes, held: bytes) -> tuple[bytes, bytes]:
+    """`held + data` cut after its last whole event: (what to relay now, what to hold). Past `_HOLD_MAX` held
+    bytes (an upstream whose events end in bare CRs, say) everything goes out as it is."""
+    if held:
+        data = held + data
+    if data.endswith(_LF2) or data.endswith(_CRLF2):
+        return data, b""
+    end = last_event_end(data)
+    if len(data) - end > _HOLD_MAX:
+        return data, b""
+    return data[:end], data[end:]
+
+
+def _kept(tail: bytearray, data: bytes, collect: list[bytes] | None) -> bytearray:
+    """The stream's tail window after `data` (the last few KiB relayed), and `data` collected if asked."""
+    if collect is not None:
+        collect.append(data)
+    if len(data) >= _TAIL:
+        return bytearray(data[-_TAIL:])
+    tail += data
+    if len(tail) > 2 * _TAIL:
+        del tail[:-_TAIL]
+    return tail
 
 
 async def whole_events(

@@ -23,6 +23,7 @@ import msgspec
 import orjson
 import pytest
 
+from adapters.sse import last_event_end
 from proxy.store.base import GenerationRecord
 from proxy.store.sqlite import SQLiteStore
 from tests.billing import usage_for
@@ -119,14 +120,23 @@ async def call(
         return Answer(r.status, r.headers, data, time.monotonic() - start)
 
 
-def sse_error(body: bytes, relayed: bytes) -> dict[str, Any]:
-    """A committed stream that failed: `relayed` as the upstream sent it, then one error event, then [DONE]."""
-    assert body.startswith(relayed), (body, relayed)
-    tail = body[len(relayed) :]
-    events = [e for e in tail.split(b"\n\n") if e]
-    assert tail.endswith(b"\n\ndata: [DONE]\n\n") and len(events) == 2, tail
-    assert events[0].startswith(b"data: "), tail
-    return openai_error(events[0][len(b"data: ") :])
+def sse_error(body: bytes, sent: bytes, *, cut_by_deadline: bool = False) -> dict[str, Any]:
+    """A committed stream that failed: the whole events the upstream sent, relayed as sent (never half of one:
+    a client would parse it glued to the error event), then one error event, then [DONE]. `cut_by_deadline`:
+    bytes the upstream wrote just before the deadline may not have been read, so the relayed events are the
+    first of those it sent."""
+    done = b"data: [DONE]\n\n"
+    assert body.endswith(b"\n\n" + done), body
+    head = body[: -len(done)]
+    start = last_event_end(head[:-2])  # where the error event begins
+    relayed, event = head[:start], head[start:-2]
+    whole = sent[: last_event_end(sent)]
+    if cut_by_deadline:
+        assert whole.startswith(relayed) and last_event_end(relayed) == len(relayed), (relayed, sent)
+    else:
+        assert relayed == whole, (relayed, sent)
+    assert event.startswith(b"data: ") and b"\n" not in event, body
+    return openai_error(event[len(b"data: ") :])
 
 
 def cost_of(text: str) -> float:
@@ -301,7 +311,7 @@ async def test_slow_trickle_over_the_total_time_ends_the_stream_with_an_error_ev
     gw = await gateway(config(ups, timeouts={"total-s": 1.0}))
     ans = await call(http, gw, "stream trickle=400", stream=True)  # first token ≈ 0.7 s; the rest would take 1 s
     assert ans.status == 200 and 1.0 <= ans.took < 2.5
-    err = sse_error(ans.body, ups["a"].posts[0].sent)
+    err = sse_error(ans.body, ups["a"].posts[0].sent, cut_by_deadline=True)
     assert err["code"] == "upstream_timeout"
     await ups["a"].wait_hung_up(1)  # the gateway closed the upstream connection
     rec = await ledger(gw, http, ans.gen_id)
@@ -719,7 +729,7 @@ async def test_a_mix_of_every_fault_under_concurrency_keeps_ledger_and_health_in
         assert ans.body.endswith((b"data: [DONE]\n\n", b"data: [DONE]\r\n\r\n")), text
         if b'"error"' in ans.body:  # cut after the commit: what the provider sent, then the error event
             sent = next(r.sent for r in served.posts if r.text == text and r.sent)
-            sse_error(ans.body, sent)
+            sse_error(ans.body, sent, cut_by_deadline=attempts(rec)[-1][1] == "timeout")
             assert attempts(rec)[-1][1] in ("protocol", "timeout")
         else:
             assert ans.body in [r.sent for r in served.posts if r.text == text]

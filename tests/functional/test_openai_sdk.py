@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import openai
 import orjson
+import pytest
 
 from tests.conftest import KEY, gateway_config
 from tests.fakes import Script, fixture, sse_events
@@ -47,6 +48,27 @@ async def test_sdk_stream_yields_every_chunk(fake_upstream, gateway):
     assert "".join(text) == "Hello! How can I help you today?"
     assert usage is not None and usage.completion_tokens == 10
     assert orjson.loads(fake_upstream.requests[0].body)["stream"] is True
+    await client.close()
+
+
+async def test_sdk_sees_the_error_of_a_stream_cut_in_the_middle_of_an_event(fake_upstream, gateway):
+    """Three whole chunks, then half of the fourth, then the upstream's connection drops: the SDK yields the three
+    and raises the gateway's error. (Relaying the half event would glue it to the error event: one broken JSON
+    line, a decode error in the client, the error's message never read.)"""
+    pieces = sse_events(fixture("stream_ok.sse"))
+    half = pieces[3][: len(pieces[3]) // 2]
+    fake_upstream.script(Script(sse=[*pieces[:3], half, pieces[4]], drop_after=4))  # aborts instead of the 5th
+    gw = await gateway(gateway_config({"fake": fake_upstream.base_url}))
+    client = openai.AsyncOpenAI(base_url=gw.v1, api_key=KEY, max_retries=0)
+    stream = await client.chat.completions.create(
+        model="test/gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    chunks = []
+    with pytest.raises(openai.APIError) as caught:
+        async for chunk in stream:
+            chunks.append(chunk)
+    assert len(chunks) == 3
+    assert caught.value.body["code"] == "stream_interrupted" and "upstream connection broke" in caught.value.message
     await client.close()
 
 
