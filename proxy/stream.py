@@ -1,4 +1,5 @@
-"""Relay a committed upstream SSE stream to the client: bytes as received, chunk by chunk, never re-framed.
+"""Relay a committed upstream SSE stream to the client: bytes as received, chunk by chunk, never re-framed
+(a chunk that ends inside an event waits for the rest of that event: see `pipe`).
 
 Backpressure: `write()` drains when the transport's buffer is full (on either server engine), so a slow
 client slows our reads from the upstream socket instead of growing memory. Once the first byte went out, an
