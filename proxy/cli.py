@@ -11,21 +11,21 @@ import msgspec
 
 from proxy import __version__
 from proxy.accounting.settings import AccountingConfig
-from proxy.config import Config, ConfigError, load, with_server
+from proxy.config import MAX_WORKERS, Config, ConfigError, load, with_server
 from proxy.errors import GatewayError
 from proxy.store import Store, StoreError, open_store
 
 
 def _workers(text: str) -> int | str:
-    """`--workers`: a count from 1 to 256, or `auto`."""
+    """`--workers`: a count from 1 to MAX_WORKERS, or `auto`."""
     if text == "auto":
         return text
     try:
         n = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor auto") from None
-    if not 1 <= n <= 256:
-        raise argparse.ArgumentTypeError(f"{n} is not between 1 and 256")
+    if not 1 <= n <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"{n} is not between 1 and {MAX_WORKERS}")
     return n
 
 

@@ -148,10 +148,13 @@ class TlsConfig(Base):
     key_file: str  # its private key (unencrypted)
 
 
+MAX_WORKERS = 256  # `server.workers` and `--workers`
+
+
 class ServerConfig(Base):
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
-    workers: Annotated[int, msgspec.Meta(ge=1, le=256)] | Literal["auto"] = "auto"  # auto: one per usable CPU
+    workers: Annotated[int, msgspec.Meta(ge=1, le=MAX_WORKERS)] | Literal["auto"] = "auto"  # auto: one per usable CPU
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 16 * 1024 * 1024  # images inline as base64
     header_timeout_s: PositiveFloat = 10.0  # slowloris guard: whole request head must arrive in this time
     body_timeout_s: PositiveFloat = 30.0  # whole request body must arrive in this time

@@ -64,8 +64,6 @@ async def pipe(
     cancellation). With `collect`, every relayed chunk is also appended to it (for the response cache; off
     otherwise). Another client API's stream (proxy/messages.py) brings its own `error_event`.
     """
-    # The last few KiB relayed, however the upstream cut its writes (one byte each, at worst): the usage and
-    # finish-reason events are there. Appending a chunk is a small copy; the window is trimmed at twice its size.
     # A chunk that ends inside an event is relayed up to its last whole event; the rest (`held`) goes out with the
     # chunk that completes it. So a stream cut mid-event ends with whole events and then our error event, never
     # half an event glued to it (which a client parses as one broken event, and never sees the error). Upstreams
@@ -110,7 +108,9 @@ def _whole_events(data: bytes, held: bytes) -> tuple[bytes, bytes]:
 
 
 def _kept(tail: bytearray, data: bytes, collect: list[bytes] | None) -> bytearray:
-    """The stream's tail window after `data` (the last few KiB relayed), and `data` collected if asked."""
+    """The stream's tail window after `data`, and `data` collected if asked. The last few KiB relayed, however
+    the upstream cut its writes, hold the usage and finish-reason events; appending a chunk is a small copy, and
+    the window is trimmed at twice its size."""
     if collect is not None:
         collect.append(data)
     if len(data) >= _TAIL:
@@ -125,18 +125,13 @@ async def whole_events(
     prefix: bytes, chunks: AsyncIterator[bytes], edit: Callable[[bytes], bytes]
 ) -> AsyncIterator[bytes]:
     """The stream re-cut at event boundaries, each run of complete events passed through `edit` (the cost
-    splice into the usage event). Used only when the client asked for cost in its usage: the plain relay
-    never waits for an event to complete."""
+    splice into the usage event). Used only when the client asked for cost in its usage; `pipe` cuts the same
+    way (`_whole_events`) but never edits."""
     carry = b""
-    async for data in _chain(prefix, chunks):
-        if carry:
-            data = carry + data
-        end = last_event_end(data)  # after `\n\n` or `\r\n\r\n`
-        if end == 0:
-            carry = data
-            continue
-        carry = data[end:]
-        yield edit(data[:end]) if b'"usage"' in data else data[:end]
+    async for chunk in _chain(prefix, chunks):
+        data, carry = _whole_events(chunk, carry)
+        if data:
+            yield edit(data) if b'"usage"' in data else data
     if carry:
         yield carry
 

@@ -41,10 +41,10 @@ from proxy.lean_server.response import (
     CONTINUE,
     LeanStream,
     PlainAnswer,
+    body_bytes,
     error_bytes,
     framing,
     head,
-    plain_response,
     whole,
 )
 
@@ -322,20 +322,17 @@ class Connection(asyncio.Protocol):
             stream.finish()
             return
         if type(resp) is PlainAnswer:
-            keep = req.keep_alive and not self._closing
-            if not keep:
-                self._closing = True
-            self._server.edge.stamp(req.headers, resp.headers)
-            out = whole(resp.status, None, resp.headers, resp.body, keep, req.http10, req.method == "HEAD")
+            status, reason, headers, body, may_keep = resp.status, None, resp.headers, resp.body, True
         elif isinstance(resp, web.Response):
-            keep = req.keep_alive and resp.keep_alive is not False and not self._closing
-            if not keep:
-                self._closing = True
-            self._server.edge.stamp(req.headers, resp.headers)
-            out = plain_response(resp, keep, req.http10, req.method == "HEAD")
+            status, reason, headers, body = resp.status, resp.reason, resp.headers, body_bytes(resp)
+            may_keep = resp.keep_alive is not False
         else:
             raise TypeError(f"handler returned {type(resp).__name__}, not web.Response")
-        for data in out:
+        keep = req.keep_alive and may_keep and not self._closing
+        if not keep:
+            self._closing = True
+        self._server.edge.stamp(req.headers, headers)
+        for data in whole(status, reason, headers, body, keep, req.http10, req.method == "HEAD"):
             self.send(data)
 
     def start_stream(self, req: LeanRequest, status: int, headers: dict[str, str]) -> LeanStream:

@@ -107,14 +107,14 @@ def framing(length: int | None, keep_alive: bool, http10: bool) -> bytes:
     return conn + (b"\r\n" if http10 else b"Transfer-Encoding: chunked\r\n\r\n")
 
 
-def plain_response(resp: web.Response, keep_alive: bool, http10: bool, head_only: bool) -> tuple[bytes, ...]:
-    """A handler's `web.Response` as the bytes to write: one piece, or head and body apart when it is big."""
+def body_bytes(resp: web.Response) -> bytes | bytearray:
+    """A handler's `web.Response` body (the lean engine sends bytes bodies only)."""
     body = resp.body
     if body is None:
-        body = b""
-    elif not isinstance(body, bytes | bytearray):
+        return b""
+    if not isinstance(body, bytes | bytearray):
         raise TypeError("the lean engine sends bytes bodies only")
-    return whole(resp.status, resp.reason, resp.headers, body, keep_alive, http10, head_only)
+    return body
 
 
 def whole(
@@ -126,6 +126,7 @@ def whole(
     http10: bool,
     head_only: bool,
 ) -> tuple[bytes, ...]:
+    """A whole answer as the bytes to write: one piece, or head and body apart when the body is big."""
     data = head(status, reason, headers, framing(len(body), keep_alive, http10))
     if head_only or not body:
         return (data,)
