@@ -6,7 +6,8 @@ there, and a scenario without it just skips its charts.
 - `latency_cdf`: any scenario's latency CDFs, one curve per series, on a logit y axis (p50, p90, p99, p99.9
   evenly spaced, so the tail is as visible as the median) and a log x axis. A series is (quantile, ms) points:
   `quantile_points` makes them from raw samples, `load_points` from a `benchmarks.load` result's percentiles.
-- `streams_charts`: the `streams` scenario's charts (memory vs concurrency, lag CDF per level, backpressure).
+- `streams_charts`: the `streams` scenario's charts (memory vs concurrency, lag CDF per level with the
+  reference proxies' curves where they ran, backpressure).
 - `overhead_charts`: the `overhead` scenario's non-stream latency CDF (direct, bare, gateway; raw samples).
 - `throughput_charts`: the `throughput` scenario's throughput vs p99 (open-loop sweep; closed loop per
   concurrency).
@@ -177,17 +178,28 @@ def streams_memory(path: Path, report: Mapping[str, Any]) -> Path:
     return path
 
 
+_LAG_CURVES: dict[str, tuple[str, dict[str, Any]]] = {  # a level's run → its label and line style
+    "gateway": ("via gateway", {}),
+    "direct": ("direct", {"linestyle": "--", "alpha": 0.6}),
+    "bare": ("via bare aiohttp", {"linestyle": ":"}),
+    "nginx": ("via nginx", {"linestyle": "-."}),
+}
+
+
 def streams_lag_cdf(path: Path, report: Mapping[str, Any]) -> Path:
-    """Per-event lag (receive − send) CDF per level: through the gateway (solid) and direct (dashed)."""
+    """Per-event lag (receive − send) CDF per level: through the gateway (solid), direct (dashed), and at the
+    level that has them, through the reference proxies (bare aiohttp dotted, nginx dash-dotted)."""
     series: dict[str, Points] = {}
     styles: dict[str, dict[str, Any]] = {}
     for i, lv in enumerate(report["levels"]):
         n = f"{lv['streams']:,}"
-        for target, style in (("gateway", {}), ("direct", {"linestyle": "--", "alpha": 0.6})):
-            label = f"{n} {'via gateway' if target == 'gateway' else 'direct'}"
-            if lv[target]["window_s"] is None:
+        runs = {"gateway": lv["gateway"], "direct": lv["direct"], **lv.get("refs", {})}
+        for target, run in runs.items():
+            name, style = _LAG_CURVES[target]
+            label = f"{n} {name}"
+            if run["window_s"] is None:
                 label += " (all events: never all open at once)"
-            series[label] = lv[target]["cdf_ms"]
+            series[label] = run["cdf_ms"]
             styles[label] = {"color": f"C{i}", **style}
     return latency_cdf(
         path,

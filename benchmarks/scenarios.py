@@ -107,8 +107,9 @@ SCENARIOS: dict[str, Scenario] = {
         summary=(
             "many long-lived streams through one gateway worker: 100, 1,000, 5,000, 10,000 concurrent\n"
             "SSE streams (one stamped event a second), worker RSS and bytes per stream, per-event lag\n"
-            "vs direct, lost/reordered events; a client that stops reading (backpressure); PNG charts\n"
-            "next to --json (default: ~5.5 min; --quick: 100 and 1,000, ~1 min)"
+            "vs direct (and, at 1,000, via bare aiohttp and nginx), lost/reordered events; a client that\n"
+            "stops reading (backpressure); PNG charts next to --json (default: ~6.5 min; --quick: 100\n"
+            "and 1,000, ~1.5 min)"
         ),
         run=streams.run,
     ),

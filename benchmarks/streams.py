@@ -9,7 +9,10 @@ on the same monotonic clock. Each level runs twice: against the upstream directl
 client and the upstream themselves add at that concurrency), then through a freshly started gateway worker
 (`--workers 1`; `HEDGEROW_BENCH_ENGINE=lean` picks the lean server engine, as in `overhead`), whose RSS
 (`/proc/<pid>/status` VmRSS) is read when fresh, at idle before the level, every 0.5 s while the streams run,
-and after. The gateway's added lag is its percentile minus the direct run's, in the same benchmark run.
+and after. The gateway's added lag is its percentile minus the direct run's, in the same benchmark run. At
+LAG_LEVEL the same client then runs through reference proxies on the gateway's core, one at a time: the bare
+aiohttp pass-through (benchmarks/bare_proxy.py) and nginx when on PATH; their added lag is what any proxy adds
+on this machine, to read the gateway's against (on a small VM much of the lag tail is the machine's, not a proxy's).
 
 Lag and memory "with all streams open" are taken over the window in which every stream of the level was open:
 from the last stream's response head to the first stream's end (each stream asks for as many events as fit
@@ -50,7 +53,19 @@ from typing import TYPE_CHECKING, Any, cast
 import httptools
 import uvloop
 
-from benchmarks.harness import ROOT, CpuPlan, Service, ServiceError, bench_engine, child_env, cpu_plan, free_ports
+from benchmarks.harness import (
+    NGINX_MISSING,
+    ROOT,
+    CpuPlan,
+    Service,
+    ServiceError,
+    bench_engine,
+    child_env,
+    cpu_plan,
+    free_ports,
+    http_ok,
+    nginx_service,
+)
 from benchmarks.kit import (
     CHAT_PATH,
     GATEWAY_KEY,
@@ -551,17 +566,23 @@ def _mb(b: float | None) -> float | None:
 def level(
     n: int, upstream: Upstream, plan: CpuPlan, log_dir: Path, engine: str, hold_s: float, open_rate: float
 ) -> dict[str, Any]:
-    """One concurrency level: the direct baseline, then a fresh gateway worker."""
+    """One concurrency level: the direct baseline, then a fresh gateway worker; at LAG_LEVEL, then the
+    reference proxies too."""
     ramp = max(MIN_RAMP_S, n / open_rate)
     rate = n / ramp
     end_after = 1.5 * ramp + hold_s + 2  # every stream ends then: the ramp may run up to 50 % late
     timeout = end_after + 60
+    pace = ["--end-after", f"{end_after:g}", "--gap", f"{GAP_S:g}"]
+
+    def client(
+        port: int, via_gateway: bool, sample: Callable[[], Any] | None = None
+    ) -> tuple[dict[str, Any], list[tuple[float, Any]]]:
+        """The level's client run against `port`: the same ramp, rate and common end for every target."""
+        return run_client([*client_args(port, n, rate, timeout, via_gateway), *pace], plan.load, timeout + 10, sample)
+
     out: dict[str, Any] = {"streams": n, "ramp_s": ramp, "end_after_s": end_after}
     progress(f"{n:,} streams: direct (ramp {ramp:g} s, all end {end_after:g} s after the start)")
-    args = ["--end-after", f"{end_after:g}", "--gap", f"{GAP_S:g}"]
-    out["direct"], _ = run_client(
-        [*client_args(upstream.port, n, rate, timeout, False), *args], plan.load, timeout + 10
-    )
+    out["direct"], _ = client(upstream.port, False)
     progress(f"{n:,} streams: direct {_brief(out['direct'])}")
 
     port = free_ports(1)[0]
@@ -591,9 +612,7 @@ def level(
             return rss_bytes(pid), gateway.cpu_seconds()
 
         with gateway_cpu(plan, gateway) as cpu:
-            result, samples = run_client(
-                [*client_args(port, n, rate, timeout, True), *args], plan.load, timeout + 10, sample
-            )
+            result, samples = client(port, True, sample)
         out["gateway"] = result
         out["samples"] = [(round(t, 3), rss, round(cpu_s, 3)) for t, (rss, cpu_s) in samples]
         out["gateway_cpu"] = cpu
@@ -615,14 +634,49 @@ def level(
     out["bytes_per_stream"] = round((rss_open - rss_idle) / held) if rss_open and rss_idle and held else None
     elapsed = result["elapsed_s"]
     out["gateway_cpu_pct"] = round(100 * cpu["gateway_cpu_s"] / elapsed, 1) if cpu["gateway_cpu_s"] else None
-    out["added_lag_ms"] = {
-        k: _diff(result["lag_ms"][k], out["direct"]["lag_ms"][k]) for k in ("p50", "p90", "p99", "p999", "max")
-    }
+    out["added_lag_ms"] = _added_lag(result, out["direct"])
     progress(
         f"{n:,} streams: gateway {_brief(result)}; RSS idle {_mb(rss_idle)} MB, open {_mb(rss_open)} MB, "
         f"{fmt(out['bytes_per_stream'], ',')} B/stream"
     )
+    if n == LAG_LEVEL:
+        out["refs"] = references(upstream.port, plan, log_dir, lambda port: client(port, False)[0], out["direct"])
     return out
+
+
+def references(
+    upstream_port: int, plan: CpuPlan, log_dir: Path, client: Callable[[int], dict[str, Any]], direct: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """The level's client run through reference proxies on the gateway's core, one at a time: the bare aiohttp
+    pass-through, then nginx when installed. Their added lag is what any proxy adds on this machine at this
+    concurrency (loopback hops, wake-ups), to read the gateway's against. Each: the client's result with its
+    `added_lag_ms`."""
+    bare_port, nginx_port = free_ports(2)
+    upstream = f"http://127.0.0.1:{upstream_port}"
+    bare_args = ["-m", "benchmarks.bare_proxy", "--port", str(bare_port), "--upstream", upstream]
+    starts: dict[str, tuple[int, Callable[[], Service | None]]] = {
+        "bare": (bare_port, lambda: Service("bare", bare_args, plan.proxy, log_dir)),
+        "nginx": (nginx_port, lambda: nginx_service(log_dir, plan.proxy, upstream_port, nginx_port)),
+    }
+    refs: dict[str, dict[str, Any]] = {}
+    for name, (port, start) in starts.items():  # started one at a time: each has the core to itself
+        service = start()
+        if service is None:
+            print(NGINX_MISSING, flush=True)
+            continue
+        try:
+            service.wait_ready(http_ok(port, "/v1/models"))
+            result = client(port)
+        finally:
+            service.stop()
+        refs[name] = {**result, "added_lag_ms": _added_lag(result, direct)}
+        progress(f"{direct['streams']:,} streams: {name} {_brief(result)}")
+    return refs
+
+
+def _added_lag(result: dict[str, Any], direct: dict[str, Any]) -> dict[str, float | None]:
+    """A proxied run's lag percentiles minus the direct run's."""
+    return {k: _diff(result["lag_ms"][k], direct["lag_ms"][k]) for k in ("p50", "p90", "p99", "p999", "max")}
 
 
 def _diff(a: float | None, b: float | None) -> float | None:
@@ -794,7 +848,7 @@ def _checks(levels: list[dict[str, Any]], bp: dict[str, Any] | None, quick: bool
                 "performance",
                 None if added is None else added <= MAX_ADDED_LAG_P99_MS,
                 f"{fmt(added, '.3f')} ms (gateway p99 {fmt(lag['gateway']['lag_ms']['p99'], '.3f')} − direct p99 "
-                f"{fmt(lag['direct']['lag_ms']['p99'], '.3f')} ms)",
+                f"{fmt(lag['direct']['lag_ms']['p99'], '.3f')} ms){_refs_added(lag)}",
             )
         )
     fresh = [lv["rss_fresh"] for lv in levels if lv.get("rss_fresh")]
@@ -807,16 +861,16 @@ def _checks(levels: list[dict[str, Any]], bp: dict[str, Any] | None, quick: bool
             f"{', '.join(str(_mb(f)) for f in fresh)})",
         )
     )
-    lost = [(lv["streams"], t, lv[t]["lost"], lv[t]["reordered"]) for lv in levels for t in ("direct", "gateway")]
+    lost = [(lv["streams"], t, r["lost"], r["reordered"]) for lv in levels for t, r in _runs(lv)]
     checks.append(
         check(
-            "no event lost or reordered, at every level (direct and through the gateway)",
+            "no event lost or reordered, at every level (direct, through the gateway and the reference proxies)",
             "correctness",
             all(a == 0 and b == 0 for _, _, a, b in lost),
             ", ".join(f"{n:,} {t}: {a}/{b}" for n, t, a, b in lost) + " (lost/reordered)",
         )
     )
-    failed = [(lv["streams"], t, lv[t]["failed"]) for lv in levels for t in ("direct", "gateway")]
+    failed = [(lv["streams"], t, r["failed"]) for lv in levels for t, r in _runs(lv)]
     checks.append(
         check(
             "no stream failed",
@@ -843,10 +897,46 @@ def _checks(levels: list[dict[str, Any]], bp: dict[str, Any] | None, quick: bool
     return checks
 
 
+def _runs(lv: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """A level's client runs by target: direct, gateway, and the reference proxies it has."""
+    return [("direct", lv["direct"]), ("gateway", lv["gateway"]), *lv.get("refs", {}).items()]
+
+
+def _refs_added(lv: dict[str, Any]) -> str:
+    """The reference proxies' added p99 lag beside the gateway's, in the lag check's detail."""
+    refs = lv.get("refs")
+    if refs is None:
+        return ""
+    added = {name: fmt(ref["added_lag_ms"]["p99"], ".3f") for name, ref in refs.items()}
+    nginx = f"nginx {added['nginx']} ms" if "nginx" in added else "nginx not on PATH"
+    return f"; same run, same topology: bare aiohttp added p99 {added['bare']} ms, {nginx}"
+
+
 def _table(levels: list[dict[str, Any]]) -> str:
     def row(label: str, get: Callable[[dict[str, Any]], Any], spec: str = "") -> tuple[str, list[str]]:
         return label, [fmt(get(lv), spec) for lv in levels]
 
+    def ref_row(label: str, get: Callable[[dict[str, Any]], Any], spec: str = "") -> tuple[str, list[str]]:
+        """Cells "bare / nginx" of `get(reference run)`; — at a level without references."""
+
+        def cell(lv: dict[str, Any]) -> str | None:
+            if "refs" not in lv:
+                return None
+            return " / ".join(fmt(get(lv["refs"][n]) if n in lv["refs"] else None, spec) for n in ("bare", "nginx"))
+
+        return row(label, cell)
+
+    ref_lag = [
+        ref_row("  bare / nginx p50", lambda r: r["lag_ms"]["p50"], ".3f"),
+        ref_row("  bare / nginx p99", lambda r: r["lag_ms"]["p99"], ".3f"),
+        ref_row("  added p99: bare / nginx", lambda r: r["added_lag_ms"]["p99"], ".3f"),
+        ref_row("  bare / nginx max", lambda r: r["lag_ms"]["max"], ".2f"),
+    ]
+    ref_errors = [
+        ref_row("events lost / reordered: bare / nginx", lambda r: f"{r['lost']}/{r['reordered']}"),
+        ref_row("streams failed: bare / nginx", lambda r: r["failed"]),
+    ]
+    has_refs = any("refs" in lv for lv in levels)
     return table(
         [f"{lv['streams']:,}" for lv in levels],
         [
@@ -876,12 +966,14 @@ def _table(levels: list[dict[str, Any]]) -> str:
             row("  added p99", lambda lv: lv["added_lag_ms"]["p99"], ".3f"),
             row("  direct max", lambda lv: lv["direct"]["lag_ms"]["max"], ".2f"),
             row("  gateway max", lambda lv: lv["gateway"]["lag_ms"]["max"], ".2f"),
+            *(ref_lag if has_refs else []),
             row("  events in the window: direct", lambda lv: lv["direct"]["window_events"], ","),
             row("  events in the window: gateway", lambda lv: lv["gateway"]["window_events"], ","),
             row("  window length, gateway (s)", lambda lv: lv["gateway"]["window_s"], ".1f"),
             row("gateway lag p99, all events (ms)", lambda lv: lv["gateway"]["lag_all_ms"]["p99"], ".3f"),
             row("events lost / reordered: direct", lambda lv: f"{lv['direct']['lost']}/{lv['direct']['reordered']}"),
             row("events lost / reordered: gateway", lambda lv: f"{lv['gateway']['lost']}/{lv['gateway']['reordered']}"),
+            *(ref_errors if has_refs else []),
             row("gateway CPU % with all open", lambda lv: lv["gateway_cpu_pct_open"], ".0f"),
             row("gateway CPU % (whole run)", lambda lv: lv["gateway_cpu_pct"], ".0f"),
             row(
