@@ -15,6 +15,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
+import msgspec
+
 from proxy.accounting.admin import ensure_orgs
 from proxy.accounting.keys import KeyRing
 from proxy.accounting.ledger import Ledger
@@ -34,57 +36,37 @@ _OBSERVE_S = 0.5  # finished generations reach the observers this often: metrics
 _OBSERVE_SLICE = 64  # generations per observer call; the loop runs between slices, so a big batch stalls nothing
 
 
-class Generation:
-    """One client request on its way through the gateway; becomes a GenerationRecord in `finish`."""
+class Generation(msgspec.Struct, gc=False):
+    """One client request on its way through the gateway; becomes a GenerationRecord in `finish`.
 
-    __slots__ = (
-        "attempts",
-        "cancelled",
-        "cost",
-        "created",
-        "ended",
-        "endpoint",
-        "finish_reason",
-        "headers",
-        "hedge",
-        "id",
-        "include_cost",
-        "key",
-        "model",
-        "operation",
-        "provider",
-        "reserved",
-        "started",
-        "status",
-        "streamed",
-        "traceparent",
-        "ttft",
-        "usage",
-    )
+    `gc=False`: finished generations wait up to `_OBSERVE_S` for the observers' batch, so under load a few
+    thousand are alive at once; tracked, each was traversed by every young collection it lived through and
+    promoted towards the oldest generation, whose full collections then came often. A generation refers only
+    to values (its key, usage, cost, attempts), never back to anything that holds it, so it cannot be part of
+    a cycle the collector would have to find."""
 
-    def __init__(self, gen_id: str, key: KeyRecord, model: str, streamed: bool, started: float) -> None:
-        self.id = gen_id
-        self.key = key
-        self.model = model
-        self.streamed = streamed
-        self.started = started  # loop clock
-        self.created = time.time()
-        self.ended = started  # loop clock, set by `finish`
-        self.attempts: list[AttemptRecord] = []
-        self.headers: dict[str, str] | None = None  # X-RateLimit-* for the response
-        self.reserved: float | None = None  # None: no reservation to commit
-        self.include_cost = False  # splice cost into the final usage
-        self.status = 0
-        self.cancelled = False
-        self.provider = ""
-        self.endpoint = ""
-        self.usage: Usage | None = None
-        self.cost: Cost | None = None
-        self.ttft: float | None = None
-        self.finish_reason: str | None = None
-        self.hedge = ""
-        self.traceparent: str | None = None  # server.tracing only: the client's W3C trace context header
-        self.operation = ""  # server.tracing only: "chat", "completions", "embeddings" (the client's route)
+    id: str
+    key: KeyRecord
+    model: str
+    streamed: bool
+    started: float  # loop clock
+    created: float  # wall clock
+    ended: float = 0.0  # loop clock, set by `finish`
+    attempts: list[AttemptRecord] = []
+    headers: dict[str, str] | None = None  # X-RateLimit-* for the response
+    reserved: float | None = None  # None: no reservation to commit
+    include_cost: bool = False  # splice cost into the final usage
+    status: int = 0
+    cancelled: bool = False
+    provider: str = ""
+    endpoint: str = ""
+    usage: Usage | None = None
+    cost: Cost | None = None
+    ttft: float | None = None
+    finish_reason: str | None = None
+    hedge: str = ""
+    traceparent: str | None = None  # server.tracing only: the client's W3C trace context header
+    operation: str = ""  # server.tracing only: "chat", "completions", "embeddings" (the client's route)
 
     def attempt(self, provider: str, endpoint: str, outcome: str, status: int, started: float, ended: float) -> None:
         self.attempts.append(
@@ -300,7 +282,8 @@ class Accountant:
     # -- per request --
 
     def begin(self, gen_id: str, key: KeyRecord, model: str, streamed: bool, include_cost: bool) -> Generation:
-        gen = Generation(gen_id, key, model, streamed, self.loop_clock())
+        now = self.loop_clock()
+        gen = Generation(gen_id, key, model, streamed, now, time.time(), now)
         self.in_flight += 1
         gen.include_cost = self.usage_cost == "always" or (self.usage_cost == "request" and include_cost)
         return gen

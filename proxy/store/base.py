@@ -66,7 +66,7 @@ class KeyUsage(msgspec.Struct, kw_only=True):
     period: str = ""  # period_of(reset, now) when last touched
 
 
-class AttemptRecord(msgspec.Struct, kw_only=True):
+class AttemptRecord(msgspec.Struct, kw_only=True, gc=False):
     provider: str
     endpoint: str  # "provider/upstream-model"
     outcome: str  # "ok", "hedge_lost", "cancelled", "timeout", "connect", "status", "protocol", …
@@ -78,8 +78,9 @@ class AttemptRecord(msgspec.Struct, kw_only=True):
     cost: float = 0.0
 
 
-class GenerationRecord(msgspec.Struct, kw_only=True):
-    """One client request, as the ledger keeps it (DESIGN.md: generation)."""
+class GenerationRecord(msgspec.Struct, kw_only=True, gc=False):
+    """One client request, as the ledger keeps it (DESIGN.md: generation). Not tracked by the collector
+    (`gc=False`): records wait in the ledger's queue for a batch, and hold only values, never a cycle."""
 
     id: str
     key_id: str
