@@ -38,6 +38,7 @@ from proxy.attempt import Committed, Front, Relay, run_attempt
 from proxy.budget import Budget
 from proxy.cache import BYPASS, CACHE_HEADER, HIT, MISS, ResponseCache, cache_control, cache_key, replay_chunks
 from proxy.config import RoutingConfig
+from proxy.deadline import call_at
 from proxy.errors import (
     BadRequest,
     GatewayError,
@@ -171,8 +172,8 @@ class Forwarder:
         run = Attempts()
         run.candidates = len(plan) if view.provider or view.models else max(len(plan), len(route.endpoints))
         try:
-            if hedge_delay is None and not view.stream:
-                await self._sequential(run, kind, view, body, plan, gen, front)
+            if hedge_delay is None:
+                await self._sequential(run, request, kind, view, body, plan, headers, gen, front)
             else:
                 await self._race(run, request, kind, view, body, route, plan, hedge_delay, headers, gen, front)
         except Relay as r:
@@ -328,28 +329,37 @@ class Forwarder:
     async def _sequential(
         self,
         run: Attempts,
+        request: web.Request,
         kind: str,
         view: _View,
         body: bytes,
         plan: list[Endpoint],
+        headers: dict[str, str],
         gen: Generation,
         front: Front | None,
     ) -> None:
-        """Failover without hedging: one attempt at a time, inline (no task per request)."""
+        """Failover without hedging: one attempt at a time, inline (no task per request). A stream's client
+        gets SSE keep-alives while it waits for a first token, from a task started only if that takes
+        `stream_keepalive_s` (`_KeepAlive`)."""
         strip = view.has_gateway_fields()
+        keep = _KeepAlive(run, request, headers, self.config.stream_keepalive_s) if view.stream else None
         last: UpstreamError | None = None
-        for i, ep in enumerate(plan):
-            if i and not self.retries.withdraw():
-                break
-            run.attempts += 1
-            try:
-                run.committed = await run_attempt(
-                    self.client, self.monitor, ep, kind, body, view.model, strip, view.stream,
-                    self._deadline(ep, kind), self.max_response_bytes, front, gen,
-                )  # fmt: skip
-                return
-            except UpstreamError as e:
-                last = e
+        try:
+            for i, ep in enumerate(plan):
+                if i and not self.retries.withdraw():
+                    break
+                run.attempts += 1
+                try:
+                    run.committed = await run_attempt(
+                        self.client, self.monitor, ep, kind, body, view.model, strip, view.stream,
+                        self._deadline(ep, kind), self.max_response_bytes, front, gen,
+                    )  # fmt: skip
+                    return
+                except UpstreamError as e:
+                    last = e
+        finally:
+            if keep is not None:
+                await keep.stop()
         raise _final_error(last, run.attempts >= len(plan), run.candidates)
 
     async def _race(
@@ -421,10 +431,7 @@ class Forwarder:
                         queue.remove(other)
                         hedge_task = launch(other)
                 if keepalive_at is not None and now >= keepalive_at and tasks:
-                    if run.down is None:
-                        headers.update(SSE_HEADERS)
-                        run.down = await prepare(request, 200, headers)
-                    await run.down.write(KEEPALIVE)
+                    await _keep_alive(run, request, headers)
                     keepalive_at = now + keepalive_s
         finally:
             for t in tasks:
@@ -437,6 +444,57 @@ class Forwarder:
         target = ep.adapter.target(kind, ep.model, False)
         assert target is not None
         return self.clock() + target.timeouts.total_s
+
+
+async def _keep_alive(run: Attempts, request: web.Request, headers: dict[str, str]) -> None:
+    """One SSE comment to a client still waiting for a first token; the first one opens the stream (200)."""
+    if run.down is None:
+        headers.update(SSE_HEADERS)
+        run.down = await prepare(request, 200, headers)
+    await run.down.write(KEEPALIVE)
+
+
+class _KeepAlive:
+    """Keep-alives for a stream whose attempts run inline (`Forwarder._sequential`): a timer, which costs no
+    loop timer while it is seconds away (`proxy.deadline.call_at`), starts a task that writes one every
+    `every_s` once the first token is that late; most streams never start it. `stop()` ends the task between
+    two writes, never in one: a stream head half-opened by a cancelled write would be opened again by the relay."""
+
+    __slots__ = ("_timer", "busy", "every_s", "halt", "headers", "request", "run", "task")
+
+    def __init__(self, run: Attempts, request: web.Request, headers: dict[str, str], every_s: float) -> None:
+        self.run, self.request, self.headers, self.every_s = run, request, headers, every_s
+        self.task: asyncio.Task[None] | None = None
+        self.busy = False  # a write in progress
+        self.halt = False
+        loop = asyncio.get_running_loop()
+        self._timer = call_at(loop, loop.time() + every_s, _KeepAlive._start, self)
+
+    def _start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._write())
+
+    async def _write(self) -> None:
+        while not self.halt:
+            self.busy = True
+            try:
+                await _keep_alive(self.run, self.request, self.headers)
+            except Exception:
+                return  # the client is gone: its request is being cancelled, the attempt with it
+            finally:
+                self.busy = False
+            if self.halt:
+                return
+            await asyncio.sleep(self.every_s)
+
+    async def stop(self) -> None:
+        self._timer.cancel()
+        task = self.task
+        if task is None:
+            return
+        self.halt = True
+        if not self.busy:
+            task.cancel()  # sleeping, or not started yet: nothing half-written
+        await asyncio.wait((task,))
 
 
 def _timing(headers: dict[str, str], upstream: float, total: float) -> None:

@@ -581,6 +581,27 @@ async def test_stream_keepalive_comment_while_waiting_for_first_token(fake_upstr
     assert got.endswith(STREAM)  # no comment inside it once data started
 
 
+async def test_stream_keepalives_go_on_across_a_failover_and_stop_at_the_first_token(upstreams, gateway, http):
+    """Without a hedge the attempts run one after the other in the request's task; the keep-alives come from
+    a task of their own, across both attempts, and none is written once the answer's stream has begun."""
+    f = await upstreams("stall", "good")
+    never = asyncio.Event()
+    f["stall"].script(Script(sse=OTHER_PIECES, hold=never))  # role frame, then silence
+    f["good"].script(Script(sse=PIECES, gap_s=0.06))  # its stream lasts a few keep-alive periods
+    routing = {"stream-keepalive-s": 0.1}
+    gw = await gateway(gateway_config(urls(f), timeouts={"first-token-s": 0.35}, routing=routing))
+    body = {**STREAM_CHAT, "provider": {"order": ["stall", "good"]}}
+    status, headers, data = await post(http, gw.v1 + "/chat/completions", body, {"X-Hedgerow-Hedge": "off"})
+    assert status == 200 and headers["Content-Type"] == "text/event-stream"
+    assert "X-Hedgerow-Provider" not in headers  # the head went out with the first keep-alive, before any answer
+    comments = data.count(KEEPALIVE)
+    assert comments >= 2 and data == KEEPALIVE * comments + STREAM  # the good upstream's stream, whole, after them
+    await f["stall"].wait_cancelled()
+    await asyncio.sleep(0.3)  # three keep-alive periods: a keep-alive task left running would write meanwhile
+    again = STREAM_CHAT | {"provider": {"order": ["good"]}}  # on the same pooled connection: no stray comment
+    assert (await post(http, gw.v1 + "/chat/completions", again))[2] == STREAM
+
+
 async def test_first_token_timeout_fails_over(upstreams, gateway, http):
     f = await upstreams("stall", "good")
     never = asyncio.Event()
