@@ -38,6 +38,7 @@ from proxy.config import Config
 from proxy.cpus import usable_cpus
 from proxy.edge import REQUEST_ID, UNSUPPORTED_TE, ConnectionCaps, Edge, fresh_id, only_chunked, tls_context
 from proxy.errors import BadRequest, GatewayError, HeadersTooLarge, RequestTimeout
+from proxy.fds import raise_open_files_limit
 from proxy.handlers import Gateway
 from proxy.insights import access
 from proxy.insights.metrics import multiprocess_dir, worker_exited
@@ -354,6 +355,7 @@ def run(cfg: Config, reload: Callable[[], Config] | None = None) -> int:
     """Run in this process (one worker) or supervise N forked workers sharing the port. `reload`: how to load
     the config again on SIGHUP (each worker reloads by itself; the supervisor passes the signal on)."""
     workers = usable_cpus() if cfg.server.workers == "auto" else cfg.server.workers
+    raise_open_files_limit(cfg.server.max_connections)  # before any fork: the workers inherit it
     if workers == 1:
         _worker(cfg, False, reload)
         return 0

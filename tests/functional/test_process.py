@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import os
 import re
+import resource
 import signal
 import sys
 import tempfile
 from pathlib import Path
 
+import aiohttp
 import openai
 import pytest
 import yaml
@@ -24,15 +26,22 @@ CHAT = {"model": "test/gpt-4o-mini", "messages": [{"role": "user", "content": "h
 ENGINES = pytest.mark.parametrize("engine", ["aiohttp", "lean"])  # `hedgerow serve --engine`
 
 
-async def _spawn(*args: str, env: dict[str, str] | None = None) -> tuple[asyncio.subprocess.Process, int]:
+async def _spawn(
+    *args: str,
+    env: dict[str, str] | None = None,
+    nofile: tuple[int, int] | None = None,
+    log: list[str] | None = None,
+) -> tuple[asyncio.subprocess.Process, int]:
     """Start `python -m proxy …` and wait for its "listening on" line; return the process and its port.
     It runs in a fresh directory, where a config without a store path puts its SQLite ledger. `serve` runs one
-    process unless the test asks for more: the default (one worker per CPU) varies with the machine."""
+    process unless the test asks for more: the default (one worker per CPU) varies with the machine.
+    `nofile`: the (soft, hard) open-file limit it starts with; `log`: gets its stderr lines up to that one."""
     if args[:1] == ("serve",) and "--workers" not in args:
         args = (*args, "--workers", "1")
+    limit = None if nofile is None else (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile))
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, preexec_fn=limit,
         env={**os.environ, **(env or {})}, cwd=tempfile.mkdtemp(prefix="hedgerow-node-"),
     )  # fmt: skip
     assert proc.stderr is not None
@@ -41,6 +50,8 @@ async def _spawn(*args: str, env: dict[str, str] | None = None) -> tuple[asyncio
             line = (await proc.stderr.readline()).decode()
             if not line:
                 raise AssertionError(f"gateway exited early: {await proc.wait()}")
+            if log is not None:
+                log.append(line)
             if m := re.search(r"listening on http://[^:]+:(\d+)", line):
                 return proc, int(m.group(1))
 
@@ -230,3 +241,46 @@ def _running(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return "\nState:\tZ" not in status
+
+
+def _open_files(pid: int) -> tuple[int, int]:
+    """(soft, hard) "Max open files" of a running process."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no open-file limit in /proc/<pid>/limits")
+
+
+async def test_the_gateway_raises_its_open_file_limit_to_the_hard_one(fake_upstream, tmp_path):
+    """A soft limit of 256 (systemd's default is 1,024) would refuse the ~128th concurrent stream."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    log: list[str] = []
+    config = _config_file(tmp_path, fake_upstream.base_url, **{"max-connections": 100})
+    proc, _ = await _spawn("serve", "--config", config, "--workers", "2", nofile=(256, hard), log=log)
+    try:
+        async with asyncio.timeout(20):
+            while len(_children(proc.pid)) < 2:
+                await asyncio.sleep(0.05)
+        assert _open_files(proc.pid) == (hard, hard)
+        assert [_open_files(pid) for pid in _children(proc.pid)] == [(hard, hard)] * 2  # forked after the raise
+        assert not [line for line in log if "open-file limit" in line]  # 100 connections fit: nothing to say
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+
+
+async def test_an_open_file_limit_too_low_for_max_connections_is_named_at_startup(fake_upstream, tmp_path):
+    log: list[str] = []
+    config = _config_file(tmp_path, fake_upstream.base_url, **{"max-connections": 1000})
+    proc, port = await _spawn("serve", "--config", config, nofile=(300, 300), log=log)
+    try:
+        warned = [line for line in log if "open-file limit 300" in line]
+        assert len(warned) == 1 and "about 118 proxied connections" in warned[0] and "(1000)" in warned[0]
+        assert _open_files(proc.pid) == (300, 300)
+        async with aiohttp.ClientSession() as http:  # it serves all the same
+            async with http.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT, headers=AUTH) as r:
+                assert r.status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
