@@ -112,7 +112,7 @@ class Connection(asyncio.Protocol):
         self.loop = server.loop
         self._max_body = server.max_body
         self.transport: asyncio.Transport | None = None
-        self._parser = HttpRequestParser(self)
+        self._parser: HttpRequestParser | None = HttpRequestParser(self)
         self._req: LeanRequest | None = None  # the request being parsed (its head or its body)
         self._in_head = False  # a head has begun and is not complete
         self._url = b""
@@ -152,6 +152,9 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.transport = None
+        # The parser holds this protocol's bound callbacks: without it the connection is freed by reference
+        # counting when it closes, not left as a cycle for the collector's next full pass (see proxy/server.py).
+        self._parser = None
         self._server.connections.discard(self)
         if self._peer is not None:
             self._server.caps.release(self._peer)  # type: ignore[union-attr]
@@ -179,9 +182,11 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._broken:
             return
+        parser = self._parser
+        assert parser is not None  # data comes before connection_lost, never after
         was_in_head = self._in_head
         try:
-            self._parser.feed_data(data)
+            parser.feed_data(data)
         except HttpParserUpgrade:
             self._upgraded()
         except HttpParserCallbackError as e:
@@ -224,6 +229,7 @@ class Connection(asyncio.Protocol):
         req = self._req
         assert req is not None
         p = self._parser
+        assert p is not None  # called from feed_data
         req.headers = headers = CIMultiDictProxy(CIMultiDict(self._fields))
         self._fields.clear()
         length = headers.get("Content-Length")

@@ -5,6 +5,7 @@ limits, request smuggling, HTTP/1.0, HEAD, upgrades, backpressure, disconnects, 
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +16,7 @@ import pytest
 from aiohttp import web
 
 from proxy.errors import BadRequest
-from proxy.lean_server.protocol import MAX_FIELD
+from proxy.lean_server.protocol import MAX_FIELD, Connection
 from proxy.lean_server.request import LeanRequest
 from proxy.lean_server.server import LeanServer
 from proxy.stream import prepare
@@ -234,6 +235,26 @@ async def test_keep_alive_serves_many_requests_on_one_connection_and_connection_
     assert "connection" not in responses[0].headers
     assert responses[2].headers["connection"] == "close"
     assert "date" in responses[0].headers
+
+
+async def test_a_closed_connection_is_freed_without_the_cycle_collector(lean):
+    """Its parser holds the protocol's bound callbacks; dropped at connection_lost, nothing of the connection
+    waits for a full collection (which the server makes rare: proxy/server.py `_YOUNG_PER_FULL`)."""
+    gw = await lean()
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(20):
+            raw = await exchange(gw.port, get("/hello", "Connection: close"))
+            assert parse_responses(raw)[0].body == b"hello"
+        async with asyncio.timeout(T):
+            while gw.server.connections:  # the server's side of the last one may still be closing
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # transports are released a loop turn after connection_lost
+        left = [o for o in gc.get_objects() if type(o) is Connection]
+    finally:
+        gc.enable()
+    assert left == []
 
 
 async def test_idle_keep_alive_connection_is_closed_after_the_timeout(lean):
