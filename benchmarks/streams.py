@@ -85,6 +85,7 @@ from benchmarks.kit import (
     table,
     verdicts,
 )
+from proxy.fds import SPARE_FDS
 
 if TYPE_CHECKING:
     from benchmarks.scenarios import Options
@@ -110,7 +111,7 @@ WARM_STREAMS, WARM_EVENTS = 20, 2  # before each level's idle RSS: first-request
 SAMPLE_S = 0.5  # RSS sampling period while streams run
 PUSH_MIB = 50
 PAUSE_S, QUICK_PAUSE_S = 4.0, 2.0  # how long the slow client does not read
-FD_SPARE = 64  # fds the gateway needs besides two per stream (listener, epoll, logs, store …), a guess checked below
+FD_SPARE = SPARE_FDS  # fds the gateway needs besides two per stream (its own estimate), checked below
 
 STAMP = re.compile(rb"#(\d+)@(\d+)")
 MIB = 1 << 20

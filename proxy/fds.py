@@ -19,9 +19,9 @@ FDS_PER_CONNECTION = 2  # the client's socket and the upstream's
 SPARE_FDS = 64  # listeners, the loop's epoll, logs, the ledger's database, health probes
 
 
-def raise_open_files_limit(max_connections: int) -> int:
+def raise_open_files_limit(max_connections: int) -> None:
     """Raise the soft RLIMIT_NOFILE to the hard one; warn when even that cannot hold `max_connections`
-    proxied connections. Returns the soft limit now in force."""
+    proxied connections."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = _UNBOUNDED_TARGET if hard == resource.RLIM_INFINITY else hard
     if soft != resource.RLIM_INFINITY and soft < want:
@@ -39,4 +39,3 @@ def raise_open_files_limit(max_connections: int) -> int:
             (soft - SPARE_FDS) // FDS_PER_CONNECTION,
             max_connections,
         )
-    return soft

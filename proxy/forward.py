@@ -474,7 +474,7 @@ class _KeepAlive:
         self.task = asyncio.get_running_loop().create_task(self._write())
 
     async def _write(self) -> None:
-        while not self.halt:
+        while True:  # a `stop()` before the first write cancels the task before it runs
             self.busy = True
             try:
                 await _keep_alive(self.run, self.request, self.headers)
